@@ -1,0 +1,118 @@
+"""Per-layer report: block shape, rank, density, parameters and analytic MACs.
+
+Profilers do not see the factored contractions, so costs are counted analytically from
+the shapes (``bsparse.kron.contraction_costs`` / ``conv_costs``), per example, forward.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import flax.traverse_util as tu
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bsparse import kron
+
+
+def io_shapes(model: nn.Module, variables, input_shape) -> dict[tuple[str, ...], tuple]:
+  """``{module_path: (input_shape, output_shape)}`` of every module call, traced abstractly."""
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    mod = context.module
+    if context.method_name == "__call__" and args and hasattr(args[0], "shape"):
+      if hasattr(out, "shape"):
+        seen.setdefault(tuple(mod.path), (tuple(args[0].shape), tuple(out.shape)))
+    return out
+
+  def run(v, x):
+    with nn.intercept_methods(record):
+      return model.apply(v, x, train=False)
+
+  jax.eval_shape(run, variables, jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
+  return seen
+
+
+def _positions(shape) -> int:
+  """Spatial positions or tokens per example of an activation ``(N, ..., C)``."""
+  return int(math.prod(shape[1:-1]))
+
+
+def _kpd_row(terms: dict, in_pos: int, out_pos: int) -> dict:
+  shapes, ranks, nnz, grid, params, macs, bsr_params, bsr_macs = [], [], 0, 0, 0, 0, 0, 0
+  for t in terms.values():
+    s, a, b = (np.asarray(t[k]) for k in ("S", "A", "B"))
+    r, m2, n2 = b.shape
+    m1, n1 = s.shape
+    taps = int(math.prod(a.shape[1:-2]))
+    k = int((s != 0).sum())
+    shapes.append(f"{m2}x{n2}")
+    ranks.append(r)
+    nnz += k
+    grid += s.size
+    params += kron.kpd_params(m1, m2, n1, n2, r, taps)
+    if taps == 1 and in_pos == out_pos:
+      macs += out_pos * min(kron.contraction_costs(m1, m2, n1, n2, r, k).values())
+    else:
+      macs += min(kron.conv_costs(m1, m2, n1, n2, r, taps, in_pos, out_pos).values())
+    bsr_params += k * taps * m2 * n2 + 2 * k
+    bsr_macs += out_pos * k * taps * m2 * n2
+  return dict(block="+".join(shapes), rank="+".join(map(str, ranks)),
+              density=nnz / max(grid, 1), kpd_params=params, kpd_macs=macs,
+              bsr_params=bsr_params, bsr_macs=bsr_macs)
+
+
+def layer_table(model: nn.Module, variables, input_shape) -> list[dict]:
+  """One row per weight layer (dense or KPD) with costs per example."""
+  shapes = io_shapes(model, variables, input_shape)
+  flat = tu.flatten_dict(variables["params"])
+  layers: dict[tuple, dict] = {}
+  for path, leaf in flat.items():
+    if path[-1] == "kernel":
+      layers.setdefault(path[:-1], {})["kernel"] = leaf
+    elif path[-1] == "S":
+      layers.setdefault(path[:-2], {})[path[-2]] = {k: flat[path[:-1] + (k,)] for k in "SAB"}
+  rows = []
+  for path, node in layers.items():
+    (in_shape, out_shape) = shapes.get(path, ((1, 1), (1, 1)))
+    in_pos, out_pos = _positions(in_shape), _positions(out_shape)
+    m, n = in_shape[-1], out_shape[-1]
+    taps = int(np.prod(node["kernel"].shape[:-2])) if "kernel" in node else None
+    if taps is None:
+      any_a = next(iter(node.values()))["A"]
+      taps = int(math.prod(any_a.shape[1:-2]))
+    dense_params = taps * m * n
+    row = dict(layer="/".join(path), shape=f"{m}x{n}" + (f" x{taps} taps" if taps > 1 else ""),
+               dense_params=dense_params, dense_macs=out_pos * dense_params)
+    if "kernel" in node:
+      row.update(block="dense", rank="-", density=1.0, kpd_params=dense_params,
+                 kpd_macs=row["dense_macs"], bsr_params=dense_params, bsr_macs=row["dense_macs"])
+    else:
+      row.update(_kpd_row(node, in_pos, out_pos))
+    rows.append(row)
+  return rows
+
+
+def totals(rows: list[dict]) -> dict:
+  keys = ("dense_params", "kpd_params", "bsr_params", "dense_macs", "kpd_macs", "bsr_macs")
+  return {k: int(sum(r[k] for r in rows)) for k in keys}
+
+
+def format_table(rows: list[dict]) -> str:
+  """Aligned text table with a totals line; MACs are per example, forward."""
+  cols = ["layer", "shape", "block", "rank", "density", "dense_params", "kpd_params",
+          "bsr_params", "dense_macs", "kpd_macs", "bsr_macs"]
+
+  def fmt(v):
+    return f"{v:.3f}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else str(v))
+
+  body = [[fmt(r[c]) for c in cols] for r in rows]
+  tot = totals(rows)
+  body.append(["total", "", "", "", ""] + [fmt(tot[c]) for c in cols[5:]])
+  widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
+  line = lambda vals: "  ".join(v.rjust(w) if i > 0 else v.ljust(w)
+                                for i, (v, w) in enumerate(zip(vals, widths)))
+  return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(b) for b in body])

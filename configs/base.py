@@ -1,0 +1,71 @@
+"""Defaults shared by every config; each config file edits a copy in its get_config()."""
+from ml_collections import config_dict
+
+
+def get_config() -> config_dict.ConfigDict:
+  c = config_dict.ConfigDict()
+  c.seed = 0
+  c.model = "mlp"  # mlp | cnn | resnet20 | resnet18 | vit_tiny
+  c.model_kwargs = config_dict.ConfigDict()
+
+  c.dataset = config_dict.ConfigDict()
+  c.dataset.name = "fashion_mnist"  # fashion_mnist | mnist | cifar10 | cifar100
+  c.dataset.source = "auto"  # auto | debian | tfds
+  c.dataset.data_dir = config_dict.placeholder(str)  # TFDS data_dir
+  c.dataset.download = True  # let TFDS download when the data is missing
+  c.dataset.val_size = 5000  # carved from train for model selection
+  c.dataset.augment = False  # random crop + flip (CIFAR)
+
+  c.batch_size = 128  # global, over all devices and processes
+  c.eval_batch_size = 1000
+  c.num_epochs = 12.0
+  c.num_train_steps = -1  # > 0 overrides num_epochs
+  c.compute_dtype = "float32"
+  c.label_smoothing = 0.0
+
+  c.optimizer = config_dict.ConfigDict()
+  c.optimizer.name = "adamw"  # adamw | sgd
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.schedule = "cosine"  # cosine | constant
+  c.optimizer.warmup_epochs = 0.5
+  c.optimizer.weight_decay = 1e-4  # dense kernels and KPD factors A, B
+  c.optimizer.momentum = 0.9  # sgd only
+  c.optimizer.grad_clip = 0.0  # global-norm clip; 0 = off
+
+  # Weight layers: 'dense' or 'kpd' (W = sum_k (S * A_k) kron B_k, block = shape of B).
+  c.layers = config_dict.ConfigDict()
+  c.layers.kind = "kpd"
+  c.layers.block_shape = (4, 4)  # default (rows, cols) of a block
+  c.layers.rank = 4
+  c.layers.block_shapes = config_dict.ConfigDict()  # per layer name: (rows, cols)
+  c.layers.ranks = config_dict.ConfigDict()  # per layer name: rank
+  c.layers.dense_layers = ("head",)  # layers kept dense
+
+  # Proximal L1 on selectors S; see bsparse/sparsity.py.
+  c.sparsity = config_dict.ConfigDict()
+  c.sparsity.lam = 0.0  # |S| shrinkage per step at peak learning rate
+  c.sparsity.start_epoch = 0.0  # penalty is 0 before this
+  c.sparsity.ramp_epochs = 1.0  # then ramps linearly to lam
+  c.sparsity.freeze_epoch = -1.0  # mask fixed from here on (< 0: never)
+  c.sparsity.target_density = 1.0  # at the freeze, prune each layer to this block density
+  c.sparsity.penalty_after_freeze = False
+
+  c.kernels = config_dict.ConfigDict()
+  c.kernels.impl = "auto"  # auto | xla | pallas_tpu | pallas_gpu
+
+  c.log_every_steps = 50
+  c.eval_every_epochs = 1.0
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.progress_bar = True
+  c.plots = True
+  return c
+
+
+def dense(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+  """Turns a KPD config into its dense counterpart (same model, data and budget)."""
+  c.layers.kind = "dense"
+  c.sparsity.lam = 0.0
+  c.sparsity.freeze_epoch = -1.0
+  c.sparsity.target_density = 1.0
+  return c

@@ -1,0 +1,19 @@
+"""Small CNN on Fashion-MNIST; conv2 and fc1 block-sparse (conv1 has 1 input channel)."""
+from configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.model = "cnn"
+  c.dataset.name = "fashion_mnist"
+  c.num_epochs = 8.0
+  c.layers.dense_layers = ("conv1", "head")
+  c.layers.block_shapes.conv2 = (4, 4)  # 32x64 channel plane -> 8x16 grid, shared by 3x3 taps
+  c.layers.block_shapes.fc1 = (16, 16)  # 3136x128 -> 196x8 grid
+  c.layers.rank = 4
+  c.sparsity.lam = 2e-3
+  c.sparsity.start_epoch = 1.0
+  c.sparsity.ramp_epochs = 2.0
+  c.sparsity.freeze_epoch = 5.0
+  c.sparsity.target_density = 0.5
+  return c

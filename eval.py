@@ -1,0 +1,62 @@
+r"""Evaluates a trained run: test accuracy and a per-layer block-sparsity report.
+
+  python eval.py --workdir=runs/mlp_fmnist
+
+Prints the table and writes it to <workdir>/eval.json.
+"""
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+import jax
+
+from bsparse import data as data_lib
+from bsparse import report, sparsity, train_lib
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a train.py run.",
+                               required=True)
+_SPLIT = flags.DEFINE_enum("split", "test", ["test", "val"], "Split to evaluate.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
+    logging.set_verbosity(logging.WARNING)
+  workdir = _WORKDIR.value
+  config = train_lib.load_config(workdir)
+  datasets = data_lib.get_datasets(config)
+  model = train_lib.build_model(config, datasets.num_classes)
+  spe, total = train_lib.num_steps(config, len(datasets.train["label"]))
+  tx, _, _ = sparsity.make_optimizer(config, spe, total)
+  variables = train_lib.init_variables(model, datasets.image_shape, config.seed)
+  manager = train_lib.checkpoint_manager(workdir, config)
+  if manager.latest_step() is None:
+    raise SystemExit(f"No checkpoint in {workdir}/checkpoints: train first with train.py.")
+  state = train_lib.restore_latest(manager, train_lib.create_state(variables, tx))
+  steps = train_lib.Steps(model, tx, datasets.num_classes, train_lib.make_mesh())
+  state = steps.put_state(state)
+  split = datasets.test if _SPLIT.value == "test" else datasets.val
+  if split is None:
+    raise SystemExit("This run has no validation split (config.dataset.val_size = 0).")
+  result = train_lib.evaluate(steps, state, split, config.eval_batch_size)
+
+  variables = {"params": state.params}
+  if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
+  rows = report.layer_table(model, variables, (1, *datasets.image_shape))
+  out = {"step": int(state.step), f"{_SPLIT.value}/accuracy": result["accuracy"],
+         f"{_SPLIT.value}/loss": result["loss"], "examples": result["examples"],
+         "layers": rows, "totals": report.totals(rows)}
+  if jax.process_index() == 0:
+    print(f"{_SPLIT.value} accuracy {result['accuracy']:.4f} over {result['examples']} "
+          f"examples (step {out['step']})\n")
+    print(report.format_table(rows))
+    print("\nMACs are per example, forward; kpd = factored, bsr = nonzero blocks only.")
+    with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
+      json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

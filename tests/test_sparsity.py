@@ -1,0 +1,110 @@
+"""The optax sparsity chain: exact zeros from the prox step, frozen masks stay frozen."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from ml_collections import config_dict
+
+from configs import base
+from bsparse import sparsity
+
+
+def term(key, m1=4, n1=5, r=2, m2=3, n2=2):
+  ka, kb = jax.random.split(key)
+  return {"S": jnp.ones((m1, n1)), "A": jax.random.normal(ka, (r, m1, n1)),
+          "B": jax.random.normal(kb, (r, m2, n2))}
+
+
+def params_tree():
+  return {"fc1": {"kron_3x2": term(jax.random.key(0)), "bias": jnp.zeros(10)},
+          "head": {"kernel": jnp.ones((10, 3)), "bias": jnp.zeros(3)}}
+
+
+def test_labels_and_term_paths():
+  labels = sparsity.param_labels(params_tree())
+  assert labels["fc1"]["kron_3x2"] == {"S": "selector", "A": "factor", "B": "factor"}
+  assert labels["head"] == {"kernel": "kernel", "bias": "other"}
+  assert sparsity.term_paths(params_tree()) == [("fc1", "kron_3x2")]
+
+
+def test_prox_step_gives_exact_zeros_and_keeps_large_entries():
+  params = params_tree()
+  s = jnp.linspace(-1.0, 1.0, 20).reshape(4, 5)
+  params["fc1"]["kron_3x2"]["S"] = s
+  tx = sparsity.block_sparsity(lam=lambda t: 0.3, lr=lambda t: 1e-3, lr_peak=1e-3)
+  state = tx.init(params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, state = tx.update(zeros, state, params)
+  new_s = optax.apply_updates(params, updates)["fc1"]["kron_3x2"]["S"]
+  expected = np.sign(s) * np.maximum(np.abs(s) - 0.3, 0)
+  np.testing.assert_allclose(new_s, expected, atol=1e-6)
+  assert np.sum(np.asarray(new_s) == 0) == np.sum(np.abs(np.asarray(s)) <= 0.3) > 0
+  np.testing.assert_array_equal(state.masks["fc1/kron_3x2"], np.asarray(new_s) != 0)
+  # Non-selector params pass through untouched.
+  np.testing.assert_array_equal(updates["head"]["kernel"], 0.0)
+  np.testing.assert_array_equal(updates["fc1"]["kron_3x2"]["A"], 0.0)
+
+
+def test_threshold_scales_with_learning_rate():
+  params = params_tree()
+  tx = sparsity.block_sparsity(lam=lambda t: 0.5, lr=lambda t: 0.5e-3, lr_peak=1e-3)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  np.testing.assert_allclose(updates["fc1"]["kron_3x2"]["S"], -0.25)
+
+
+def test_frozen_mask_stays_frozen_and_target_density_is_exact():
+  params = params_tree()
+  tx = sparsity.block_sparsity(lam=lambda t: 0.0, lr=lambda t: 1.0, lr_peak=1.0,
+                               freeze_step=2, target_density=0.3)
+  state = tx.init(params)
+  key = jax.random.key(1)
+  masks = []
+  for step in range(6):
+    key, sub = jax.random.split(key)
+    grads = jax.tree.map(lambda p: jax.random.normal(sub, p.shape), params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    masks.append(np.asarray(state.masks["fc1/kron_3x2"]))
+  s = np.asarray(params["fc1"]["kron_3x2"]["S"])
+  assert masks[1].all()  # before the freeze nothing was pruned (lam = 0)
+  assert masks[2].sum() == 6  # ceil(0.3 * 20) blocks kept at the freeze
+  for m in masks[3:]:
+    np.testing.assert_array_equal(m, masks[2])  # random updates could not revive a block
+  np.testing.assert_array_equal(s == 0, ~masks[2])
+
+
+def test_target_density_keeps_the_largest_blocks():
+  scores = jnp.array([[0.1, 5.0], [3.0, 0.0]])
+  np.testing.assert_array_equal(sparsity.prune_to_density(scores, 0.5),
+                                [[False, True], [True, False]])
+  np.testing.assert_array_equal(sparsity.prune_to_density(scores, 1.0),
+                                [[True, True], [True, False]])
+
+
+def test_make_optimizer_decays_factors_not_selectors():
+  c = base.get_config()
+  c.optimizer.weight_decay = 0.5
+  c.optimizer.warmup_epochs = 0.0
+  c.optimizer.schedule = "constant"
+  tx, lr, lam = sparsity.make_optimizer(c, steps_per_epoch=10, total_steps=100)
+  params = params_tree()
+  state = tx.init(params)
+  for _ in range(3):  # past the warm-up step with lr = 0
+    updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+  assert np.all(np.asarray(updates["fc1"]["kron_3x2"]["S"]) == 0)
+  assert np.all(np.abs(np.asarray(updates["fc1"]["kron_3x2"]["A"])) > 0)
+  assert np.all(np.asarray(updates["fc1"]["bias"]) == 0)
+  assert sparsity.sparsity_state(state) is not None
+
+
+def test_lam_schedule_warms_up_then_ramps():
+  lam = sparsity.lam_schedule(1.0, start_step=10, ramp_steps=10)
+  assert float(lam(5)) == 0.0
+  assert abs(float(lam(15)) - 0.5) < 1e-6
+  assert float(lam(40)) == 1.0
+
+
+def test_unknown_optimizer_names_the_choices():
+  with pytest.raises(ValueError, match=r"unknown optimizer 'adam_w'.*adamw"):
+    sparsity.base_optimizer("adam_w", lambda t: 1.0, 0.0, 0.0, None)

@@ -1,0 +1,147 @@
+"""The training loop end to end on tiny data: every config, resume, sharding, eval.py."""
+import importlib
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from bsparse import data as data_lib
+from bsparse import metric_writers, sparsity, train_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ["mlp_fmnist", "mlp_fmnist_dense", "cnn_fmnist", "cnn_fmnist_dense", "resnet_bs",
+           "resnet_dense", "vit_bs", "vit_dense"]
+
+
+def tiny(name: str, steps: int = 3):
+  """A config file's config shrunk to a few steps on mock data."""
+  c = importlib.import_module(f"configs.{name}").get_config()
+  c.dataset.source = "tfds"
+  c.dataset.val_size = 16
+  c.batch_size = 8
+  c.eval_batch_size = 16
+  c.num_train_steps = steps
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 2
+  c.progress_bar = False
+  c.plots = False
+  c.optimizer.warmup_epochs = 0.0
+  c.sparsity.start_epoch = 0.0
+  c.sparsity.ramp_epochs = 0.0
+  c.sparsity.freeze_epoch = -1.0
+  if c.model == "mlp":
+    c.model_kwargs.hidden = (40, 20)  # 28x10 and 10x10 blocks still divide
+  if c.model == "vit_tiny":
+    c.model_kwargs.update(dim=32, depth=1, heads=2, mlp_dim=64)
+  return c
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_trains_on_mock_data(name, tmp_path):
+  c = tiny(name)
+  with tfds.testing.mock_data(num_examples=48):
+    summary = train_lib.train_and_evaluate(c, str(tmp_path))
+  assert summary["step"] == 3
+  assert summary["test/examples"] == 48
+  rows = metric_writers.read_metrics(str(tmp_path))
+  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
+  assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+  sparse = c.layers.kind == "kpd"
+  assert ("density/weights" in summary) == sparse
+  assert os.path.exists(tmp_path / "checkpoints" / "3")
+
+
+def test_prox_and_freeze_reach_target_density(tmp_path):
+  c = tiny("mlp_fmnist", steps=12)
+  c.sparsity.lam = 0.05
+  c.sparsity.freeze_epoch = 6 / 4  # step 6 with 32 train examples / batch 8
+  c.sparsity.target_density = 0.3
+  with tfds.testing.mock_data(num_examples=48):
+    summary = train_lib.train_and_evaluate(c, str(tmp_path))
+  for key in ("density/fc1/kron_28x10", "density/fc2/kron_10x10"):
+    assert 0 < summary[key] <= 0.3 + 1e-6
+  rows = [r for r in metric_writers.read_metrics(str(tmp_path)) if "train/loss" in r]
+  frozen = [r["density/fc1/kron_28x10"] for r in rows if r["step"] > 7]
+  assert max(frozen) <= 0.3 + 1e-6 and frozen == sorted(frozen, reverse=True)
+
+
+def test_resume_continues_the_same_run(tmp_path):
+  c = tiny("mlp_fmnist", steps=6)
+  c.sparsity.lam = 0.01
+  with tfds.testing.mock_data(num_examples=48):
+    straight = train_lib.train_and_evaluate(c, str(tmp_path / "a"))
+    train_lib.train_and_evaluate(c, str(tmp_path / "b"))
+    # Lose the last checkpoint: the next run restarts from step 4 and redoes 5 and 6.
+    import shutil
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "6")
+    resumed = train_lib.train_and_evaluate(c, str(tmp_path / "b"))
+  assert resumed["step"] == 6
+  assert resumed["test/accuracy"] == straight["test/accuracy"]
+  model_a = _restore_params(c, tmp_path / "a")
+  model_b = _restore_params(c, tmp_path / "b")
+  chex.assert_trees_all_close(model_a, model_b, rtol=1e-6, atol=1e-7)
+
+
+def _restore_params(c, workdir):
+  with tfds.testing.mock_data(num_examples=48):
+    ds = data_lib.get_datasets(c)
+  model = train_lib.build_model(c, ds.num_classes)
+  tx, _, _ = sparsity.make_optimizer(c, 4, 6)
+  state = train_lib.create_state(train_lib.init_variables(model, ds.image_shape, 0), tx)
+  return train_lib.restore_latest(train_lib.checkpoint_manager(str(workdir), c), state).params
+
+
+def test_sharded_step_equals_single_device():
+  assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
+  c = tiny("cnn_fmnist")
+  model = train_lib.build_model(c, 10)
+  tx, _, _ = sparsity.make_optimizer(c, 10, 10)
+  rng = np.random.default_rng(0)
+  batches = [{"image": rng.normal(size=(16, 28, 28, 1)).astype(np.float32),
+              "label": rng.integers(0, 10, 16).astype(np.int32)} for _ in range(3)]
+  results = []
+  for n in (1, 8):
+    mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
+    steps = train_lib.Steps(model, tx, 10, mesh)
+    state = train_lib.create_state(train_lib.init_variables(model, (28, 28, 1), 0), tx)
+    state = steps.put_state(state)
+    for b in batches:
+      state, _ = steps.train(state, steps.put_batch(b))
+    assert len(jax.tree.leaves(state.params)[0].sharding.device_set) == n
+    results.append(jax.device_get(state.params))
+  chex.assert_trees_all_close(results[0], results[1], rtol=1e-4, atol=1e-5)
+
+
+def _run(args, **kw):
+  return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300, **kw)
+
+
+def test_config_override_typo_names_the_key(tmp_path):
+  out = _run(["train.py", "--config=configs/mlp_fmnist.py", "--config.sparsity.lamb=1e-3",
+              f"--workdir={tmp_path}"])
+  assert out.returncode != 0
+  assert "lamb" in out.stderr and "sparsity" in out.stderr
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_eval_prints_the_layer_table(tmp_path):
+  c = tiny("mlp_fmnist", steps=2)
+  with tfds.testing.mock_data(num_examples=48):
+    train_lib.train_and_evaluate(c, str(tmp_path))
+  script = ("import sys, tensorflow_datasets as tfds\n"
+            "sys.argv = ['eval.py', '--workdir=" + str(tmp_path) + "']\n"
+            "import runpy\n"
+            "with tfds.testing.mock_data(num_examples=48):\n"
+            "  runpy.run_path('eval.py', run_name='__main__')\n")
+  out = _run(["-c", script])
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "test accuracy" in out.stdout
+  for name in ("fc1", "fc2", "head", "28x10", "kpd_macs", "total"):
+    assert name in out.stdout
+  assert os.path.exists(tmp_path / "eval.json")

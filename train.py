@@ -1,0 +1,44 @@
+r"""Trains a dense or block-sparse (KPD) model.
+
+  python train.py --config=configs/mlp_fmnist.py --workdir=runs/mlp_fmnist \
+      --config.sparsity.lam=2e-3
+
+Running the same command again resumes from the latest checkpoint in --workdir.
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+import jax
+from ml_collections import config_flags
+
+from bsparse import train_lib
+
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics and plots "
+    "(default: runs/<config file name>).")
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/mlp_fmnist.py",
+                                          "Path to a config file with get_config().")
+
+
+def default_workdir(config_path: str) -> str:
+  name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
+  return os.path.join("runs", name)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
+    logging.set_verbosity(logging.WARNING)  # checkpoint libraries log every save at INFO
+  workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
+  logging.info("JAX devices: %s; workdir: %s", jax.devices(), workdir)
+  summary = train_lib.train_and_evaluate(_CONFIG.value, workdir)
+  if jax.process_index() == 0:
+    print(f"test accuracy {summary['test/accuracy']:.4f}"
+          + (f", weight density {summary['density/weights']:.3f}"
+             if "density/weights" in summary else "") + f"  (workdir: {workdir})")
+
+
+if __name__ == "__main__":
+  app.run(main)
