@@ -8,11 +8,11 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 import jax
 
 from bsparse import data as data_lib
-from bsparse import report, sparsity, train_lib
+from bsparse import cli, report, sparsity, train_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a train.py run.",
                                required=True)
@@ -22,8 +22,7 @@ _SPLIT = flags.DEFINE_enum("split", "test", ["test", "val"], "Split to evaluate.
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
-    logging.set_verbosity(logging.WARNING)
+  cli.quiet_logging(sys.argv)
   workdir = _WORKDIR.value
   config = train_lib.load_config(workdir)
   datasets = data_lib.get_datasets(config)
@@ -59,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

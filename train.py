@@ -12,7 +12,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from bsparse import train_lib
+from bsparse import cli, train_lib
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics and plots "
@@ -29,8 +29,7 @@ def default_workdir(config_path: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
-    logging.set_verbosity(logging.WARNING)  # checkpoint libraries log every save at INFO
+  cli.quiet_logging(sys.argv)
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
   logging.info("JAX devices: %s; workdir: %s", jax.devices(), workdir)
   summary = train_lib.train_and_evaluate(_CONFIG.value, workdir)
@@ -41,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

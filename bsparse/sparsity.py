@@ -88,8 +88,9 @@ def soft_threshold(x: jax.Array, tau: jax.Array) -> jax.Array:
 
 
 def prune_to_density(scores: jax.Array, density: float) -> jax.Array:
-  """Keeps the ``ceil(density * size)`` highest positive scores; returns a bool mask."""
-  k = max(1, math.ceil(density * scores.size))
+  """Keeps the ``floor(density * size)`` (at least 1) highest positive scores, so the
+  block density never exceeds ``density``; returns a bool mask."""
+  k = max(1, math.floor(density * scores.size + 1e-9))
   if k >= scores.size:
     return scores > 0
   kth = jax.lax.top_k(scores.reshape(-1), k)[0][-1]

@@ -62,7 +62,14 @@ def create_state(variables, tx: optax.GradientTransformation) -> TrainState:
 
 def make_mesh() -> jax.sharding.Mesh:
   """A 1-D data-parallel mesh over every device of every process."""
-  return jax.make_mesh((jax.device_count(),), ("data",))
+  return data_mesh(jax.devices())
+
+
+def data_mesh(devices) -> jax.sharding.Mesh:
+  """Data-parallel mesh; ``Auto`` axes let XLA propagate shardings through the model's
+  reshapes (the factored convs fold channels into the batch)."""
+  return jax.make_mesh((len(devices),), ("data",), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 # --------------------------------------------------------------------------- steps

@@ -68,7 +68,7 @@ def test_frozen_mask_stays_frozen_and_target_density_is_exact():
     masks.append(np.asarray(state.masks["fc1/kron_3x2"]))
   s = np.asarray(params["fc1"]["kron_3x2"]["S"])
   assert masks[1].all()  # before the freeze nothing was pruned (lam = 0)
-  assert masks[2].sum() == 6  # ceil(0.3 * 20) blocks kept at the freeze
+  assert masks[2].sum() == 6  # 0.3 * 20 blocks kept at the freeze
   for m in masks[3:]:
     np.testing.assert_array_equal(m, masks[2])  # random updates could not revive a block
   np.testing.assert_array_equal(s == 0, ~masks[2])
