@@ -13,10 +13,10 @@ def get_config():
   c.batch_size = 128
   c.layers.block_shapes.fc1 = (28, 10)  # 784x300 -> a 28x30 grid of 28x10 blocks
   c.layers.block_shapes.fc2 = (10, 10)  # 300x100 -> a 30x10 grid of 10x10 blocks
-  c.layers.rank = 16
-  c.sparsity.lam = 2e-3
+  c.layers.rank = 32
+  c.sparsity.lam = 3e-4
   c.sparsity.start_epoch = 1.0
-  c.sparsity.ramp_epochs = 3.0
-  c.sparsity.freeze_epoch = 6.0
+  c.sparsity.ramp_epochs = 2.0
+  c.sparsity.freeze_epoch = 4.0  # then 8 epochs of fine-tuning on the fixed mask
   c.sparsity.target_density = 0.5
   return c
