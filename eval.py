@@ -12,7 +12,7 @@ from absl import app, flags
 import jax
 
 from bsparse import data as data_lib
-from bsparse import cli, report, sparsity, train_lib
+from bsparse import checkpoints, cli, report, sparsity, train_lib, validate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a train.py run.",
                                required=True)
@@ -24,16 +24,18 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli.quiet_logging(sys.argv)
   workdir = _WORKDIR.value
-  config = train_lib.load_config(workdir)
+  config = checkpoints.load_config(workdir)
+  validate.validate_config(config, train_lib.build_model, training=False)
   datasets = data_lib.get_datasets(config)
   model = train_lib.build_model(config, datasets.num_classes)
   spe, total = train_lib.num_steps(config, len(datasets.train["label"]))
   tx, _, _ = sparsity.make_optimizer(config, spe, total)
   variables = train_lib.init_variables(model, datasets.image_shape, config.seed)
-  manager = train_lib.checkpoint_manager(workdir, config)
+  manager = checkpoints.checkpoint_manager(workdir, config, read_only=True)
   if manager.latest_step() is None:
     raise SystemExit(f"No checkpoint in {workdir}/checkpoints: train first with train.py.")
-  state = train_lib.restore_latest(manager, train_lib.create_state(variables, tx))
+  state = checkpoints.restore_latest(manager, train_lib.create_state(variables, tx),
+                                     set_aside=False)
   steps = train_lib.Steps(model, tx, datasets.num_classes, train_lib.make_mesh())
   state = steps.put_state(state)
   split = datasets.test if _SPLIT.value == "test" else datasets.val
@@ -58,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(cli.clean_exit(main), flags_parser=cli.parse_flags)

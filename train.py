@@ -3,7 +3,8 @@ r"""Trains a dense or block-sparse (KPD) model.
   python train.py --config=configs/mlp_fmnist.py --workdir=runs/mlp_fmnist \
       --config.sparsity.lam=2e-3
 
-Running the same command again resumes from the latest checkpoint in --workdir.
+Running the same command again resumes from the latest checkpoint in --workdir; SIGTERM
+or Ctrl-C saves a checkpoint first. See docs/troubleshooting.md when things go wrong.
 """
 import os
 import sys
@@ -19,6 +20,10 @@ _WORKDIR = flags.DEFINE_string(
     "(default: runs/<config file name>).")
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/mlp_fmnist.py",
                                           "Path to a config file with get_config().")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Start afresh: move an existing --workdir aside to "
+    "<workdir>.old-<time> (nothing is deleted). Without it, a workdir whose checkpoints "
+    "belong to a different config is refused.")
 
 
 def default_workdir(config_path: str) -> str:
@@ -32,7 +37,7 @@ def main(argv):
   cli.quiet_logging(sys.argv)
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
   logging.info("JAX devices: %s; workdir: %s", jax.devices(), workdir)
-  summary = train_lib.train_and_evaluate(_CONFIG.value, workdir)
+  summary = train_lib.train_and_evaluate(_CONFIG.value, workdir, overwrite=_OVERWRITE.value)
   if jax.process_index() == 0:
     print(f"test accuracy {summary['test/accuracy']:.4f}"
           + (f", weight density {summary['density/weights']:.3f}"
@@ -40,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(cli.clean_exit(main), flags_parser=cli.parse_flags)

@@ -1,10 +1,23 @@
 """Command-line plumbing shared by train.py and eval.py."""
 from __future__ import annotations
 
+import functools
 import re
 import sys
+from typing import Callable
 
 from absl import flags, logging
+
+from bsparse import checkpoints, data, train_lib, validate
+
+# Errors a user can fix, and the exit status of each: 2 for a bad command line or config.
+EXIT_CODES = (
+    (validate.ConfigError, 2),
+    (checkpoints.WorkdirConflictError, 2),
+    (data.DatasetUnavailableError, 1),
+    (checkpoints.CheckpointError, 1),
+    (train_lib.NonFiniteError, 1),
+)
 
 
 def _clean(e: Exception) -> str:
@@ -35,3 +48,26 @@ def quiet_logging(argv: list[str]) -> None:
   """Checkpoint libraries log every save at INFO; show warnings only unless -v is given."""
   if not any(a.startswith(("--verbosity", "-v")) for a in argv[1:]):
     logging.set_verbosity(logging.WARNING)
+
+
+def clean_exit(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+  """Wraps an absl ``main`` so that the errors of EXIT_CODES print their message alone
+  (no traceback) and exit with their status, and a stop on SIGTERM/SIGINT prints where
+  the run was saved and exits with 128 + the signal number."""
+
+  @functools.wraps(main)
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except train_lib.Interrupted as e:
+      sys.stderr.write(f"{e}\n")
+      sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+      sys.stderr.write("Interrupted without saving; rerunning resumes from the latest "
+                       "checkpoint.\n")
+      sys.exit(130)
+    except tuple(error for error, _ in EXIT_CODES) as e:
+      sys.stderr.write(f"Error: {e}\n")
+      sys.exit(next(code for error, code in EXIT_CODES if isinstance(e, error)))
+
+  return wrapped

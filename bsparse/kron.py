@@ -42,7 +42,7 @@ def grid_shape(m: int, n: int, block_shape: Sequence[int], where: str = "layer")
       raise ValueError(
           f"{where}: block size {size} does not divide the {axis} dimension {dim} of the "
           f"{m}x{n} weight (block_shape={tuple(block_shape)}). Valid sizes for {dim}: "
-          f"{divisors(dim)}. Set a per-layer block shape in config.kpd.block_shapes.")
+          f"{divisors(dim)}. Set a per-layer block shape in config.layers.block_shapes.")
   return m // m2, n // n2
 
 

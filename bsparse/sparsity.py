@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bsparse import kron
+from bsparse import baselines, kron
 
 Schedule = Callable[[jax.Array], jax.Array]
 
@@ -81,6 +81,7 @@ def weight_density(params) -> jax.Array:
 class BlockSparsityState(NamedTuple):
   count: jax.Array
   masks: dict[str, jax.Array]  # 'layer/term' -> bool (m1, n1); True = block kept
+  alive: dict[str, jax.Array]  # 'layer/term' -> bool (); False once a candidate is dropped
 
 
 def soft_threshold(x: jax.Array, tau: jax.Array) -> jax.Array:
@@ -97,10 +98,33 @@ def prune_to_density(scores: jax.Array, density: float) -> jax.Array:
   return (scores >= kth) & (scores > 0)
 
 
+def layer_groups(params) -> dict[tuple[str, ...], list[tuple[str, ...]]]:
+  """KPD terms grouped by layer: ``{layer_path: [term_path, ...]}`` (candidates)."""
+  groups: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
+  for path in term_paths(params):
+    groups.setdefault(path[:-1], []).append(path)
+  return groups
+
+
+def term_mass(flat, path) -> jax.Array:
+  """Frobenius norm of a term's weight ``||sum_k kron(S*A_k, B_k)||``, without building it."""
+  norms = kron.block_norms(*(flat[path + (k,)] for k in "SAB"))
+  return jnp.sqrt(jnp.sum(norms ** 2))
+
+
+def candidate_shares(flat, terms) -> list[jax.Array]:
+  """Each candidate's share of its layer's total weight norm (1 for a single term)."""
+  if len(terms) == 1:
+    return [jnp.ones(())]
+  mass = jnp.stack([term_mass(flat, t) for t in terms])
+  return list(mass / jnp.maximum(mass.sum(), 1e-12))
+
+
 def block_sparsity(lam: Schedule, lr: Schedule, lr_peak: float, freeze_step: int = -1,
-                   target_density: float | None = None,
-                   penalty_after_freeze: bool = False) -> optax.GradientTransformation:
-  """Proximal L1 on selectors + mask freeze; see the module docstring.
+                   target_density: float | None = None, penalty_after_freeze: bool = False,
+                   anneal: Schedule | None = None, anneal_strength: float = 0.0,
+                   select_step: int = -1) -> optax.GradientTransformation:
+  """Proximal L1 on selectors, block-size annealing and the mask freeze.
 
   Args:
     lam: step -> per-step shrinkage of ``|S|`` at peak learning rate.
@@ -109,38 +133,64 @@ def block_sparsity(lam: Schedule, lr: Schedule, lr_peak: float, freeze_step: int
     freeze_step: step at which the mask is fixed; negative: never.
     target_density: prune each layer to at most this block density at the freeze.
     penalty_after_freeze: keep soft-thresholding after the freeze.
+    anneal: step -> ``a(t)`` in [0, 1]. In a layer with several candidate block shapes,
+      candidate ``c`` with share ``p_c`` of the layer's weight norm is thresholded with
+      ``tau * (1 + anneal_strength * a(t) * (1 - p_c))``: the weaker candidates shrink
+      faster and collapse.
+    select_step: at this step every multi-candidate layer keeps only its largest
+      candidate; the others are zeroed and stay dropped. Negative: never.
   """
 
   def init(params):
-    masks = {"/".join(p): jnp.ones(tu.flatten_dict(params)[p + ("S",)].shape, bool)
-             for p in term_paths(params)}
-    return BlockSparsityState(jnp.zeros((), jnp.int32), masks)
+    flat = tu.flatten_dict(params)
+    keys = ["/".join(p) for p in term_paths(params)]
+    masks = {k: jnp.ones(flat[tuple(k.split("/")) + ("S",)].shape, bool) for k in keys}
+    return BlockSparsityState(jnp.zeros((), jnp.int32), masks,
+                              {k: jnp.ones((), bool) for k in keys})
 
   def update(updates, state, params=None):
     if params is None:
       raise ValueError("block_sparsity needs params: call tx.update(grads, state, params).")
     count = state.count
     frozen = (freeze_step >= 0) & (count > freeze_step)
-    at_freeze = count == freeze_step
     tau = lam(count) * lr(count) / lr_peak
     if not penalty_after_freeze:
       tau = jnp.where(frozen, 0.0, tau)
+    a_t = anneal(count) if anneal is not None else 0.0
     flat_p, flat_u = tu.flatten_dict(params), tu.flatten_dict(updates)
-    masks = {}
-    for path in term_paths(params):
-      key = "/".join(path)
-      s_new = soft_threshold(flat_p[path + ("S",)] + flat_u[path + ("S",)], tau)
-      s_new = jnp.where(frozen, s_new * state.masks[key], s_new)
-      if target_density is not None and freeze_step >= 0:
-        a_new = flat_p[path + ("A",)] + flat_u[path + ("A",)]
-        b_new = flat_p[path + ("B",)] + flat_u[path + ("B",)]
-        keep = prune_to_density(kron.block_norms(s_new, a_new, b_new), target_density)
-        s_new = jnp.where(at_freeze, s_new * keep, s_new)
-      flat_u[path + ("S",)] = s_new - flat_p[path + ("S",)]
-      masks[key] = s_new != 0
-    return tu.unflatten_dict(flat_u), BlockSparsityState(count + 1, masks)
+    flat_new = {p: flat_p[p] + flat_u[p] for p in flat_p if p[-1] in "SAB"}
+    masks, alive = {}, {}
+    for terms in layer_groups(params).values():
+      shares = candidate_shares(flat_p, terms)
+      for path, share in zip(terms, shares):
+        key = "/".join(path)
+        s_new = soft_threshold(flat_new[path + ("S",)],
+                               tau * (1 + anneal_strength * a_t * (1 - share)))
+        s_new = jnp.where(frozen, s_new * state.masks[key], s_new)
+        if target_density is not None and freeze_step >= 0:
+          scores = kron.block_norms(s_new, flat_new[path + ("A",)], flat_new[path + ("B",)])
+          s_new = jnp.where(count == freeze_step,
+                            s_new * prune_to_density(scores, target_density), s_new)
+        flat_new[path + ("S",)] = s_new
+      alive.update(_select(flat_new, terms, state.alive, count == select_step))
+      for path in terms:
+        key = "/".join(path)
+        s_new = jnp.where(alive[key], flat_new[path + ("S",)], 0.0)
+        flat_u[path + ("S",)] = s_new - flat_p[path + ("S",)]
+        masks[key] = s_new != 0
+    return tu.unflatten_dict(flat_u), BlockSparsityState(count + 1, masks, alive)
 
   return optax.GradientTransformation(init, update)
+
+
+def _select(flat, terms, alive, at_select) -> dict[str, jax.Array]:
+  """Liveness of a layer's candidates; at the selection step only the largest survives."""
+  keys = ["/".join(t) for t in terms]
+  if len(terms) == 1:
+    return {keys[0]: alive[keys[0]]}
+  mass = jnp.stack([jnp.where(alive[k], term_mass(flat, t), -1.0) for k, t in zip(keys, terms)])
+  winner = jnp.argmax(mass)
+  return {k: alive[k] & (~at_select | (i == winner)) for i, k in enumerate(keys)}
 
 
 # --------------------------------------------------------------------------- schedules
@@ -165,6 +215,7 @@ def lr_schedule(name: str, peak: float, total_steps: int, warmup_steps: int) -> 
 
 
 OPTIMIZERS = ("adamw", "sgd")
+METHODS = ("kpd",) + baselines.METHODS
 
 
 def base_optimizer(name: str, lr: Schedule, weight_decay: float, momentum: float,
@@ -179,12 +230,17 @@ def base_optimizer(name: str, lr: Schedule, weight_decay: float, momentum: float
 
 def make_optimizer(config, steps_per_epoch: int, total_steps: int
                    ) -> tuple[optax.GradientTransformation, Schedule, Schedule]:
-  """The training chain from ``config.optimizer`` and ``config.sparsity``.
+  """The training chain from ``config.optimizer`` and ``config.method``: ``kpd`` (the
+  block-sparsity transform of ``config.sparsity``) or a baseline of ``bsparse.baselines``
+  (``config.baseline``) on dense layers.
 
   Weight decay applies to dense kernels and to the KPD factors ``A``/``B`` (which keeps the
   ``S``/``A`` scale in check), never to selectors, biases or norm parameters.
   Returns ``(tx, lr_schedule, lam_schedule)``.
   """
+  method = config.get("method", "kpd")  # configs saved before methods existed are KPD
+  if method not in METHODS:
+    raise ValueError(f"unknown method '{method}'; valid: {list(METHODS)}.")
   opt, sp = config.optimizer, config.sparsity
   lr = lr_schedule(opt.schedule, opt.learning_rate, total_steps,
                    int(opt.warmup_epochs * steps_per_epoch))
@@ -192,12 +248,19 @@ def make_optimizer(config, steps_per_epoch: int, total_steps: int
   base = base_optimizer(opt.name, lr, opt.weight_decay, opt.momentum, decay_mask)
   if opt.grad_clip > 0:
     base = optax.chain(optax.clip_by_global_norm(opt.grad_clip), base)
+  if method != "kpd":
+    tx, lam = baselines.make(config, base, lr, steps_per_epoch)
+    return tx, lr, lam
   lam = lam_schedule(sp.lam, int(sp.start_epoch * steps_per_epoch),
                      int(sp.ramp_epochs * steps_per_epoch))
   freeze = int(sp.freeze_epoch * steps_per_epoch) if sp.freeze_epoch >= 0 else -1
   target = sp.target_density if 0 < sp.target_density < 1 else None
+  sel = config.selection
+  anneal = optax.linear_schedule(0.0, 1.0, max(1, int(sel.anneal_epochs * steps_per_epoch)),
+                                 int(sel.start_epoch * steps_per_epoch))
+  select = int(sel.select_epoch * steps_per_epoch) if sel.select_epoch >= 0 else -1
   tx = optax.chain(base, block_sparsity(lam, lr, opt.learning_rate, freeze, target,
-                                        sp.penalty_after_freeze))
+                                        sp.penalty_after_freeze, anneal, sel.strength, select))
   return tx, lr, lam
 
 

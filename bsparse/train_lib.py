@@ -1,8 +1,12 @@
-"""The training loop: state, the jitted data-parallel step, evaluation, checkpoints."""
+"""The training loop: state, the jitted data-parallel step, evaluation, and a loop that
+resumes from its checkpoints, stops cleanly on SIGTERM/SIGINT and on NaN/Inf."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -14,13 +18,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from bsparse import data as data_lib
 from bsparse import layers as layers_lib
-from bsparse import metric_writers, models, plots, report, sparsity
+from bsparse import checkpoints, metric_writers, models, plots, report, sparsity, validate
+from bsparse.checkpoints import checkpoint_manager, restore_latest, save_config
 
 
 @flax.struct.dataclass
@@ -29,6 +33,7 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
+  skipped_steps: jax.Array  # steps not applied for a NaN/Inf (nan_policy='skip')
 
 
 # --------------------------------------------------------------------------- construction
@@ -50,14 +55,17 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modul
 
 
 def init_variables(model: nn.Module, image_shape, seed: int):
+  """The model's initial variables, built by one compiled computation (op by op, every
+  initializer would compile on its own)."""
   x = jnp.zeros((1, *image_shape), jnp.float32)
-  return model.init(jax.random.key(seed), x, train=False)
+  return jax.jit(lambda key: model.init(key, x, train=False))(jax.random.key(seed))
 
 
 def create_state(variables, tx: optax.GradientTransformation) -> TrainState:
   params = variables["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                    skipped_steps=jnp.zeros((), jnp.int32))
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -81,8 +89,13 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0
 
 
 def train_step(state: TrainState, batch, *, model: nn.Module, tx, num_classes: int,
-               label_smoothing: float = 0.0):
-  """One optimizer step on a (globally sharded) batch; pure, so it jits and shards."""
+               label_smoothing: float = 0.0, skip_nonfinite: bool = False):
+  """One optimizer step on a (globally sharded) batch; pure, so it jits and shards.
+
+  ``metrics['finite']`` says whether the loss and the gradient norm are finite; with
+  ``skip_nonfinite`` a step where they are not leaves params, batch statistics and
+  optimizer state unchanged and counts itself in ``skipped_steps``.
+  """
 
   def loss_fn(params):
     variables = {"params": params}
@@ -99,11 +112,19 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx, num_classes: i
   (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  skipped = state.skipped_steps
+  if skip_nonfinite:
+    params, stats, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), (params, stats, opt_state),
+        (state.params, state.batch_stats, state.opt_state))
+    skipped = skipped + jnp.where(finite, 0, 1).astype(skipped.dtype)
   metrics = {"loss": loss,
              "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-             "grad_norm": optax.global_norm(grads)}
+             "grad_norm": grad_norm, "finite": finite}
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
-                            opt_state=opt_state)
+                            opt_state=opt_state, skipped_steps=skipped)
   return new_state, metrics
 
 
@@ -123,13 +144,15 @@ def eval_step(state: TrainState, batch, *, model: nn.Module, num_classes: int):
 class Steps:
   """The jitted train and eval steps with their shardings over ``mesh``."""
 
-  def __init__(self, model, tx, num_classes: int, mesh, label_smoothing: float = 0.0):
+  def __init__(self, model, tx, num_classes: int, mesh, label_smoothing: float = 0.0,
+               nan_policy: str = "stop"):
     self.mesh = mesh
     self.replicated = NamedSharding(mesh, P())
     self.batch_sharding = NamedSharding(mesh, P("data"))
     self.train = jax.jit(
         lambda s, b: train_step(s, b, model=model, tx=tx, num_classes=num_classes,
-                                label_smoothing=label_smoothing),
+                                label_smoothing=label_smoothing,
+                                skip_nonfinite=nan_policy == "skip"),
         in_shardings=(self.replicated, self.batch_sharding),
         out_shardings=(self.replicated, self.replicated), donate_argnums=0)
     self.eval = jax.jit(
@@ -159,36 +182,77 @@ def evaluate(steps: Steps, state: TrainState, arrays, batch_size: int) -> dict[s
           "examples": int(totals["count"])}
 
 
-# --------------------------------------------------------------------------- checkpoints
+# --------------------------------------------------------------------------- stopping
 
 
-def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options)
+class NonFiniteError(FloatingPointError):
+  """The loss or the gradients became NaN/Inf under ``nan_policy='stop'``."""
 
 
-def restore_latest(manager: ocp.CheckpointManager, state: TrainState) -> TrainState:
-  step = manager.latest_step()
-  if step is None:
-    return state
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+class Interrupted(Exception):
+  """Training stopped on SIGTERM/SIGINT after saving a checkpoint."""
+
+  def __init__(self, signum: int, step: int, directory: str):
+    super().__init__(f"Stopped by {signal.Signals(signum).name}: saved the checkpoint of "
+                     f"step {step} in {directory}. Run the same command to resume.")
+    self.exit_code = 128 + signum  # the shell's status for a process ended by the signal
 
 
-def save_config(workdir: str, config) -> None:
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
+class StopRequest:
+  """Catches SIGTERM and SIGINT so that the loop can checkpoint and stop after the step
+  it is in; a second signal acts as it would without this.
+
+  Multi-process runs leave SIGTERM to JAX's preemption service and stop at its sync
+  point, the same step on every process.
+  """
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self) -> "StopRequest":
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    return self
+
+  def __exit__(self, *exc_info):
+    self._restore()
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+    self._restore()
+
+  def _restore(self):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._previous = {}
+
+  def requested(self, manager, step: int) -> bool:
+    """Whether to stop after ``step``; every process must ask at every step."""
+    if jax.process_count() > 1 and manager.reached_preemption(step):
+      self.signum = signal.SIGTERM
+    return self.signum is not None
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: is '{workdir}' the --workdir of a train.py run?")
-  with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+def _check_finite(window: list[dict], last_step: int, manager) -> None:
+  """Raises NonFiniteError for the first step of ``window`` (the metrics of the steps up
+  to ``last_step``) whose loss or gradient norm is not finite."""
+  for i, m in enumerate(window):
+    if bool(m["finite"]):
+      continue
+    step = last_step - len(window) + 1 + i
+    manager.wait_until_finished()
+    good = manager.latest_step()
+    kept = (f"the last checkpoint, step {good} in {manager.directory}, is from before it"
+            if good is not None else "no checkpoint was saved before it")
+    raise NonFiniteError(
+        f"The loss ({float(m['loss'])}) or the gradient norm ({float(m['grad_norm'])}) is "
+        f"not finite at step {step}. Training stopped; {kept}. Running the same command "
+        "again resumes there and reaches the same step: add --config.nan_policy=skip to "
+        "skip such steps, or start over (--overwrite or a new --workdir) with a lower "
+        "learning rate or --config.optimizer.grad_clip.")
 
 
 # --------------------------------------------------------------------------- main loop
@@ -207,9 +271,104 @@ def num_steps(config, num_train: int) -> tuple[int, int]:
   return spe, total
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains ``config`` in ``workdir``, resuming from its latest checkpoint; returns the
-  final metrics (also written to ``workdir/summary.json``)."""
+def trim_metrics(workdir: str, step: int) -> None:
+  """Drops the rows of ``workdir/metrics.jsonl`` that a run resuming at ``step`` writes
+  again: rows after ``step``, the final summary (``test/*``) and a line cut short by a
+  kill. TensorBoard event files keep such rows; TensorBoard shows the latest."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if row["step"] <= step and not any(k.startswith("test/") for k in row):
+        kept.append(json.dumps(row) + "\n")
+  checkpoints.write_text_atomic(path, "".join(kept))
+
+
+def _window_scalars(window: list[dict]) -> dict[str, float]:
+  """Mean train metrics over the applied steps of the window (all steps if none was)."""
+  applied = [m for m in window if bool(m["finite"])] or window
+  return {f"train/{k}": float(np.mean([m[k] for m in applied]))
+          for k in window[0] if k != "finite"}
+
+
+def _log_scalars(config, state: TrainState, window: list[dict], seconds: float, done: int,
+                 schedules) -> dict[str, float]:
+  lr_fn, lam_fn = schedules
+  scalars = {**_window_scalars(window),
+             "examples_per_sec": len(window) * config.batch_size / seconds,
+             "lr": float(lr_fn(done - 1)), "lam": float(lam_fn(done - 1)),
+             **sparsity_scalars(state.params)}
+  if config.nan_policy == "skip":
+    scalars["train/skipped_steps"] = int(state.skipped_steps)
+  return scalars
+
+
+def _train(config, steps: Steps, state: TrainState, datasets: data_lib.Datasets, manager,
+           writer: metric_writers.MetricWriter, schedules, spe: int, total: int) -> TrainState:
+  """Runs the steps after ``state.step`` up to ``total``, logging, evaluating on the
+  validation split and checkpointing as configured.
+
+  Raises NonFiniteError (``nan_policy='stop'``) before logging, evaluating or saving
+  past a step with a NaN/Inf, and Interrupted after saving on SIGTERM/SIGINT.
+  """
+  start = int(state.step)
+  batches = data_lib.train_batches(
+      datasets.train, batch_size=config.batch_size, seed=config.seed, start_step=start,
+      augment=config.dataset.augment, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  eval_every = max(1, int(config.eval_every_epochs * spe))
+  window, t0 = [], time.perf_counter()
+  show = jax.process_index() == 0 and config.progress_bar
+  with tqdm(total=total, initial=start, disable=not show, unit="step", dynamic_ncols=True,
+            mininterval=1.0) as bar, StopRequest() as stop:
+    for done in range(start + 1, total + 1):
+      state, metrics = steps.train(state, steps.put_batch(next(batches)))
+      window.append(metrics)
+      last, stopping = done == total, stop.requested(manager, done)
+      log = done % config.log_every_steps == 0 or last
+      validate_now = datasets.val is not None and (done % eval_every == 0 or last)
+      save = done % config.checkpoint_every_steps == 0 or last or stopping
+      if config.nan_policy == "stop" and (log or validate_now or save):
+        _check_finite(window, done, manager)
+      if log:
+        scalars = _log_scalars(config, state, window, time.perf_counter() - t0, done, schedules)
+        writer.write(done, scalars)
+        bar.set_postfix(loss=f"{scalars['train/loss']:.3f}",
+                        acc=f"{scalars['train/accuracy']:.3f}",
+                        dens=f"{scalars.get('density/weights', 1.0):.2f}",
+                        ex_s=f"{scalars['examples_per_sec']:.0f}")
+        window, t0 = [], time.perf_counter()
+      if validate_now:
+        val = evaluate(steps, state, datasets.val, config.eval_batch_size)
+        writer.write(done, {"val/accuracy": val["accuracy"], "val/loss": val["loss"]})
+        bar.write(f"step {done}: val accuracy {val['accuracy']:.4f}")
+      if save:
+        checkpoints.save(manager, done, state)
+      bar.update(1)
+      if stopping:
+        manager.wait_until_finished()
+        raise Interrupted(stop.signum, done, str(manager.directory))
+  return state
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       overwrite: bool = False) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir``, resuming from its latest intact checkpoint;
+  returns the final metrics (also written to ``workdir/summary.json``).
+
+  Before loading anything, raises validate.ConfigError for a config that cannot run and
+  checkpoints.WorkdirConflictError for a workdir whose checkpoints belong to another
+  config; ``overwrite`` moves an existing workdir aside instead. During training, raises
+  NonFiniteError or Interrupted (see ``_train``).
+  """
+  validate.validate_config(config, build_model)
+  checkpoints.prepare_workdir(workdir, config, overwrite)
   is_main = jax.process_index() == 0
   datasets = data_lib.get_datasets(config)
   model = build_model(config, datasets.num_classes)
@@ -218,61 +377,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = create_state(init_variables(model, datasets.image_shape, config.seed), tx)
 
   save_config(workdir, config)
-  manager = checkpoint_manager(workdir, config)
-  state = restore_latest(manager, state)
-  start = int(state.step)
-  if start and is_main:
-    print(f"Resuming from the checkpoint at step {start} in {workdir}.")
+  with contextlib.ExitStack() as stack:
+    manager = checkpoint_manager(workdir, config)
+    stack.callback(manager.close)
+    state = restore_latest(manager, state)
+    start = int(state.step)
+    if is_main:
+      trim_metrics(workdir, start)
+      if start:
+        print(f"Resuming from the checkpoint at step {start} in {workdir}.")
+    steps = Steps(model, tx, datasets.num_classes, make_mesh(), config.label_smoothing,
+                  config.nan_policy)
+    writer = metric_writers.MetricWriter(workdir, enabled=is_main)
+    stack.callback(writer.close)
+    state = _train(config, steps, steps.put_state(state), datasets, manager, writer,
+                   (lr_fn, lam_fn), spe, total)
+    manager.wait_until_finished()
 
-  mesh = make_mesh()
-  steps = Steps(model, tx, datasets.num_classes, mesh, config.label_smoothing)
-  state = steps.put_state(state)
-  writer = metric_writers.MetricWriter(workdir, enabled=is_main)
-  batches = data_lib.train_batches(
-      datasets.train, batch_size=config.batch_size, seed=config.seed, start_step=start,
-      augment=config.dataset.augment, process_index=jax.process_index(),
-      process_count=jax.process_count())
-
-  bar = tqdm(total=total, initial=start, disable=not (is_main and config.progress_bar),
-             unit="step", dynamic_ncols=True, mininterval=1.0)
-  acc, t0, seen = [], time.perf_counter(), 0
-  eval_every = max(1, int(config.eval_every_epochs * spe))
-  for step in range(start, total):
-    state, metrics = steps.train(state, steps.put_batch(next(batches)))
-    acc.append(metrics)
-    seen += config.batch_size
-    done = step + 1
-    if done % config.log_every_steps == 0 or done == total:
-      train_m = {f"train/{k}": float(np.mean([m[k] for m in acc])) for k in acc[0]}
-      rate = seen / (time.perf_counter() - t0)
-      scalars = {**train_m, "examples_per_sec": rate, "lr": float(lr_fn(step)),
-                 "lam": float(lam_fn(step)), **sparsity_scalars(state.params)}
-      writer.write(done, scalars)
-      bar.set_postfix(loss=f"{train_m['train/loss']:.3f}", acc=f"{train_m['train/accuracy']:.3f}",
-                      dens=f"{scalars.get('density/weights', 1.0):.2f}", ex_s=f"{rate:.0f}")
-      acc, t0, seen = [], time.perf_counter(), 0
-    if done % eval_every == 0 or done == total:
-      if datasets.val is not None:
-        val = evaluate(steps, state, datasets.val, config.eval_batch_size)
-        writer.write(done, {"val/accuracy": val["accuracy"], "val/loss": val["loss"]})
-        bar.write(f"step {done}: val accuracy {val['accuracy']:.4f}")
-    if done % config.checkpoint_every_steps == 0 or done == total:
-      manager.save(done, args=ocp.args.StandardSave(state))
-    bar.update(1)
-  bar.close()
-  manager.wait_until_finished()
-
-  test = evaluate(steps, state, datasets.test, config.eval_batch_size)
-  summary = {"step": int(state.step), "test/accuracy": test["accuracy"],
-             "test/loss": test["loss"], "test/examples": test["examples"],
-             **sparsity_scalars(state.params)}
-  summary = {k: float(v) if not isinstance(v, int) else v for k, v in summary.items()}
-  writer.write(int(state.step), summary)
-  writer.close()
+    test = evaluate(steps, state, datasets.test, config.eval_batch_size)
+    summary = {"step": int(state.step), "test/accuracy": test["accuracy"],
+               "test/loss": test["loss"], "test/examples": test["examples"],
+               **sparsity_scalars(state.params)}
+    if config.nan_policy == "skip":
+      summary["train/skipped_steps"] = int(state.skipped_steps)
+    summary = {k: float(v) if not isinstance(v, int) else v for k, v in summary.items()}
+    writer.write(int(state.step), summary)
   if is_main:
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2)
+    checkpoints.write_text_atomic(os.path.join(workdir, "summary.json"),
+                                  json.dumps(summary, indent=2))
     if config.plots:
       plots.plot_run(workdir, state.params)
-  manager.close()
   return summary

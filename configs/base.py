@@ -20,8 +20,9 @@ def get_config() -> config_dict.ConfigDict:
   c.eval_batch_size = 1000
   c.num_epochs = 12.0
   c.num_train_steps = -1  # > 0 overrides num_epochs
-  c.compute_dtype = "float32"
+  c.compute_dtype = "float32"  # float32 | bfloat16 | float16
   c.label_smoothing = 0.0
+  c.nan_policy = "stop"  # NaN/Inf loss or gradients: stop | skip (the step, counted)
 
   c.optimizer = config_dict.ConfigDict()
   c.optimizer.name = "adamw"  # adamw | sgd
@@ -49,6 +50,30 @@ def get_config() -> config_dict.ConfigDict:
   c.sparsity.freeze_epoch = -1.0  # mask fixed from here on (< 0: never)
   c.sparsity.target_density = 1.0  # at the freeze, prune each layer to this block density
   c.sparsity.penalty_after_freeze = False
+
+  # Block-size selection in one run: a layer given several candidate block shapes
+  # (layers.block_shapes.<layer> = ((28, 10), (14, 10))) sums one KPD term per candidate.
+  # From start_epoch the penalty on each candidate grows with its deficit of weight norm
+  # (annealed in over anneal_epochs, scaled by strength); at select_epoch each layer keeps
+  # its largest candidate and the others are dropped from the model.
+  c.selection = config_dict.ConfigDict()
+  c.selection.start_epoch = 1.0
+  c.selection.anneal_epochs = 2.0
+  c.selection.strength = 4.0
+  c.selection.select_epoch = 3.0  # < 0: never (candidates keep summing)
+
+  # Training method: kpd (KPD layers + c.sparsity) or a baseline on dense layers
+  # (layers.kind='dense'; see bsparse/baselines.py): dense | group_lasso | gradual | set |
+  # rigl | static.
+  c.method = "kpd"
+  c.baseline = config_dict.ConfigDict()
+  c.baseline.target_density = 0.5  # final block density of every masked layer
+  c.baseline.lam = 3e-4  # group_lasso: block-norm shrinkage per step at peak learning rate
+  c.baseline.prune_epoch = 4.0  # group_lasso: prune to target here, then fine-tune, no penalty
+  c.baseline.start_epoch = 1.0  # gradual: first pruning step
+  c.baseline.end_epoch = 8.0  # gradual: target reached; set/rigl: last mask update
+  c.baseline.update_every_steps = 100  # gradual, set, rigl: steps between mask updates
+  c.baseline.drop_fraction = 0.3  # set/rigl: share of active blocks replaced, cosine to 0
 
   c.kernels = config_dict.ConfigDict()
   c.kernels.impl = "auto"  # auto | xla | pallas_tpu | pallas_gpu

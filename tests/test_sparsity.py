@@ -108,3 +108,36 @@ def test_lam_schedule_warms_up_then_ramps():
 def test_unknown_optimizer_names_the_choices():
   with pytest.raises(ValueError, match=r"unknown optimizer 'adam_w'.*adamw"):
     sparsity.base_optimizer("adam_w", lambda t: 1.0, 0.0, 0.0, None)
+
+
+def two_candidates(key):
+  k1, k2 = jax.random.split(key)
+  return {"fc1": {"kron_3x2": term(k1), "kron_6x5": term(k2, m1=2, n1=2, m2=6, n2=5)}}
+
+
+def test_annealing_drops_the_weaker_candidate_at_the_selection_step():
+  params = two_candidates(jax.random.key(3))
+  params["fc1"]["kron_6x5"]["S"] = 0.1 * params["fc1"]["kron_6x5"]["S"]  # the weaker one
+  tx = sparsity.block_sparsity(lam=lambda t: 0.01, lr=lambda t: 1.0, lr_peak=1.0,
+                               anneal=lambda t: 1.0, anneal_strength=4.0, select_step=3)
+  state = tx.init(params)
+  for step in range(6):
+    grads = jax.tree.map(jnp.zeros_like, params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    if step == 0:  # annealing: the weaker candidate is thresholded harder
+      weak = 1.0 - np.asarray(params["fc1"]["kron_6x5"]["S"]).mean() / 0.1
+      strong = 1.0 - np.asarray(params["fc1"]["kron_3x2"]["S"]).mean()
+      assert weak > strong > 0
+  assert bool(state.alive["fc1/kron_3x2"]) and not bool(state.alive["fc1/kron_6x5"])
+  np.testing.assert_array_equal(params["fc1"]["kron_6x5"]["S"], 0.0)
+  assert np.all(np.asarray(params["fc1"]["kron_3x2"]["S"]) != 0)
+
+
+def test_single_candidate_layers_are_never_dropped():
+  params = params_tree()
+  tx = sparsity.block_sparsity(lam=lambda t: 0.0, lr=lambda t: 1.0, lr_peak=1.0,
+                               anneal=lambda t: 1.0, anneal_strength=4.0, select_step=0)
+  updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  assert bool(state.alive["fc1/kron_3x2"])
+  np.testing.assert_array_equal(updates["fc1"]["kron_3x2"]["S"], 0.0)
