@@ -6,8 +6,6 @@ makes them cost nothing (one re-jit at that boundary).
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 from bsparse import sparsity
@@ -65,30 +63,3 @@ def block_shapes(params) -> dict[str, tuple[tuple[int, int], ...]]:
     out["/".join(layer)] = tuple(shapes)
   return out
 
-
-SELECTION_FILE = "selection.json"
-
-
-def apply_to_config(config, shapes: dict[str, tuple[tuple[int, int], ...]]):
-  """Sets ``config.layers.block_shapes`` to the surviving candidates (a copy)."""
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    for layer, s in shapes.items():
-      config.layers.block_shapes[layer] = s[0] if len(s) == 1 else s
-  return config
-
-
-def save(workdir: str, step: int, shapes) -> None:
-  with open(os.path.join(workdir, SELECTION_FILE), "w", encoding="utf-8") as f:
-    json.dump({"step": step, "block_shapes": {k: [list(v) for v in s]
-                                              for k, s in shapes.items()}}, f, indent=2)
-
-
-def load(workdir: str) -> dict[str, tuple[tuple[int, int], ...]] | None:
-  """The block shapes chosen by an earlier selection in ``workdir``, if any."""
-  path = os.path.join(workdir, SELECTION_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    saved = json.load(f)["block_shapes"]
-  return {k: tuple(tuple(v) for v in s) for k, s in saved.items()}

@@ -10,7 +10,6 @@ import threading
 import time
 from typing import Any
 
-from absl import logging
 import flax
 import flax.linen as nn
 import jax
@@ -23,7 +22,8 @@ from tqdm import tqdm
 
 from bsparse import data as data_lib
 from bsparse import layers as layers_lib
-from bsparse import checkpoints, metric_writers, models, plots, report, sparsity, validate
+from bsparse import (baselines, checkpoints, metric_writers, models, plots, sparsity,
+                     validate)
 from bsparse.checkpoints import checkpoint_manager, restore_latest, save_config
 
 
@@ -258,10 +258,12 @@ def _check_finite(window: list[dict], last_step: int, manager) -> None:
 # --------------------------------------------------------------------------- main loop
 
 
-def sparsity_scalars(params) -> dict[str, float]:
+def sparsity_scalars(params, opt_state) -> dict[str, float]:
+  """Block density per KPD term or per masked layer of a baseline, and over all weights."""
   out = {f"density/{k}": v for k, v in sparsity.block_density(params).items()}
   if out:
     out["density/weights"] = sparsity.weight_density(params)
+  out.update({f"density/{k}": v for k, v in baselines.block_density(params, opt_state).items()})
   return out
 
 
@@ -303,7 +305,7 @@ def _log_scalars(config, state: TrainState, window: list[dict], seconds: float, 
   scalars = {**_window_scalars(window),
              "examples_per_sec": len(window) * config.batch_size / seconds,
              "lr": float(lr_fn(done - 1)), "lam": float(lam_fn(done - 1)),
-             **sparsity_scalars(state.params)}
+             **sparsity_scalars(state.params, state.opt_state)}
   if config.nan_policy == "skip":
     scalars["train/skipped_steps"] = int(state.skipped_steps)
   return scalars
@@ -397,7 +399,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     test = evaluate(steps, state, datasets.test, config.eval_batch_size)
     summary = {"step": int(state.step), "test/accuracy": test["accuracy"],
                "test/loss": test["loss"], "test/examples": test["examples"],
-               **sparsity_scalars(state.params)}
+               **sparsity_scalars(state.params, state.opt_state)}
     if config.nan_policy == "skip":
       summary["train/skipped_steps"] = int(state.skipped_steps)
     summary = {k: float(v) if not isinstance(v, int) else v for k, v in summary.items()}

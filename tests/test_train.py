@@ -146,3 +146,17 @@ def test_eval_prints_the_layer_table(tmp_path):
   for name in ("fc1", "fc2", "head", "28x10", "kpd_macs", "total"):
     assert name in out.stdout
   assert os.path.exists(tmp_path / "eval.json")
+
+
+@pytest.mark.parametrize("method", ["gradual", "rigl"])
+def test_baselines_train_in_the_same_loop(method, tmp_path):
+  c = tiny("mlp_fmnist_dense", steps=8)
+  c.method = method
+  c.baseline.target_density = 0.25
+  c.baseline.start_epoch = 0.0
+  c.baseline.end_epoch = 1.0
+  c.baseline.update_every_steps = 2
+  with tfds.testing.mock_data(num_examples=48):
+    summary = train_lib.train_and_evaluate(c, str(tmp_path))
+  assert summary["density/fc1"] == pytest.approx(28 / 112)  # floor(0.25 * 112) of 28x4 blocks
+  assert summary["density/fc2"] == pytest.approx(2 / 8)
