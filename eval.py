@@ -2,7 +2,8 @@ r"""Evaluates a trained run: test accuracy and a per-layer block-sparsity report
 
   python eval.py --workdir=runs/mlp_fmnist
 
-Prints the table and writes it to <workdir>/eval.json.
+Prints the table and writes it to <workdir>/eval.json. Runs as several processes with the
+flags of train.py (docs/multihost.md).
 """
 import json
 import os
@@ -12,7 +13,7 @@ from absl import app, flags
 import jax
 
 from bsparse import data as data_lib
-from bsparse import checkpoints, cli, report, sparsity, train_lib, validate
+from bsparse import checkpoints, cli, distributed, report, sparsity, train_lib, validate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a train.py run.",
                                required=True)
@@ -23,6 +24,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli.quiet_logging(sys.argv)
+  distributed.initialize_from_flags()
   workdir = _WORKDIR.value
   config = checkpoints.load_config(workdir)
   validate.validate_config(config, train_lib.build_model, training=False)
@@ -34,10 +36,11 @@ def main(argv):
   manager = checkpoints.checkpoint_manager(workdir, config, read_only=True)
   if manager.latest_step() is None:
     raise SystemExit(f"No checkpoint in {workdir}/checkpoints: train first with train.py.")
-  state = checkpoints.restore_latest(manager, train_lib.create_state(variables, tx),
-                                     set_aside=False)
   steps = train_lib.Steps(model, tx, datasets.num_classes, train_lib.make_mesh())
-  state = steps.put_state(state)
+  # Restoring into replicated arrays reads the checkpoint straight onto every device of
+  # every process, whatever process count wrote it.
+  state = checkpoints.restore_latest(
+      manager, steps.put_state(train_lib.create_state(variables, tx)), set_aside=False)
   split = datasets.test if _SPLIT.value == "test" else datasets.val
   if split is None:
     raise SystemExit("This run has no validation split (config.dataset.val_size = 0).")

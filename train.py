@@ -5,6 +5,9 @@ r"""Trains a dense or block-sparse (KPD) model.
 
 Running the same command again resumes from the latest checkpoint in --workdir; SIGTERM
 or Ctrl-C saves a checkpoint first. See docs/troubleshooting.md when things go wrong.
+
+The same command runs as several processes (TPU pod slices, SLURM, or
+--coordinator_address/--num_processes/--process_id): see docs/multihost.md.
 """
 import os
 import sys
@@ -13,7 +16,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from bsparse import cli, train_lib
+from bsparse import cli, distributed, train_lib
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics and plots "
@@ -35,6 +38,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli.quiet_logging(sys.argv)
+  distributed.initialize_from_flags()
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
   logging.info("JAX devices: %s; workdir: %s", jax.devices(), workdir)
   summary = train_lib.train_and_evaluate(_CONFIG.value, workdir, overwrite=_OVERWRITE.value)

@@ -349,7 +349,8 @@ def _train(config, steps: Steps, state: TrainState, datasets: data_lib.Datasets,
       if validate_now:
         val = evaluate(steps, state, datasets.val, config.eval_batch_size)
         writer.write(done, {"val/accuracy": val["accuracy"], "val/loss": val["loss"]})
-        bar.write(f"step {done}: val accuracy {val['accuracy']:.4f}")
+        if show:
+          bar.write(f"step {done}: val accuracy {val['accuracy']:.4f}")
       if save:
         checkpoints.save(manager, done, state)
       bar.update(1)
@@ -379,20 +380,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state = create_state(init_variables(model, datasets.image_shape, config.seed), tx)
 
   save_config(workdir, config)
+  steps = Steps(model, tx, datasets.num_classes, make_mesh(), config.label_smoothing,
+                config.nan_policy)
   with contextlib.ExitStack() as stack:
     manager = checkpoint_manager(workdir, config)
     stack.callback(manager.close)
-    state = restore_latest(manager, state)
+    state = restore_latest(manager, steps.put_state(state))  # onto every process's devices
     start = int(state.step)
     if is_main:
       trim_metrics(workdir, start)
       if start:
         print(f"Resuming from the checkpoint at step {start} in {workdir}.")
-    steps = Steps(model, tx, datasets.num_classes, make_mesh(), config.label_smoothing,
-                  config.nan_policy)
     writer = metric_writers.MetricWriter(workdir, enabled=is_main)
     stack.callback(writer.close)
-    state = _train(config, steps, steps.put_state(state), datasets, manager, writer,
+    state = _train(config, steps, state, datasets, manager, writer,
                    (lr_fn, lam_fn), spe, total)
     manager.wait_until_finished()
 
