@@ -36,6 +36,8 @@ def tiny(name: str, steps: int = 3):
   c.sparsity.freeze_epoch = -1.0
   if c.model == "mlp":
     c.model_kwargs.hidden = (40, 20)  # 28x10 and 10x10 blocks still divide
+  if c.model.startswith("resnet"):
+    c.model_kwargs.stage_sizes = (1, 1, 1)  # one block per stage: same layer kinds, less compile
   if c.model == "vit_tiny":
     c.model_kwargs.update(dim=32, depth=1, heads=2, mlp_dim=64)
   return c
