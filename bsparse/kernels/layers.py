@@ -1,0 +1,151 @@
+"""Flax linen layers whose weights are stored block-sparse (``BSR``).
+
+Variables of both layers:
+
+- ``params``: ``blocks`` — the stored blocks, trainable: ``(nnz_max, bm, bn)`` for
+  ``BlockSparseDense`` and ``(nnz_max, kh, kw, bm, bn)`` for ``BlockSparseConv`` (block
+  ``k`` of every kernel tap sits at block ``(rows[k], cols[k])`` of the ``(Cin, Cout)``
+  plane); ``bias`` ``(features,)`` when ``use_bias``.
+- ``bsr_index`` (``INDEX_COLLECTION``, not trainable): ``rows``, ``cols`` ``(nnz_max,)``
+  int32 and ``nnz`` ``()`` int32, the row-sorted block indices of ``bsparse.kernels.bsr``.
+
+``init`` draws a random mask with ``nnz_max`` blocks; ``convert.kpd_to_bsr_params`` builds
+both collections from a trained KPD model instead. Changing ``bsr_index`` within the
+budget does not change any shape, so a jitted step does not recompile.
+
+``BlockSparseConv`` computes the convolution as patches (im2col) times a block-sparse
+``(Cin*kh*kw, Cout)`` matrix: ``lax.conv_general_dilated_patches`` orders patch features
+channel-major, ``(c, h, w)``, so rows ``i*bm*kh*kw:(i+1)*bm*kh*kw`` of that matrix hold
+input-channel block ``i`` with all its taps, and the product is one ``bsr_matmul`` with
+``(bm*kh*kw, bn)`` blocks at the same ``(rows, cols)``. The patches take ``kh*kw`` times
+the activation memory of the input.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bsparse.kernels import bsr as bsr_lib
+from bsparse.kernels.ops import bsr_matmul
+
+INDEX_COLLECTION = "bsr_index"
+Shape2 = tuple[int, int]
+
+
+def _indices(module: nn.Module, grid: Shape2, nnz_max: int):
+  """The ``(rows, cols, nnz)`` index variables; initialised to a random mask."""
+  drawn = []
+
+  def init(i):
+    def fn():
+      if not drawn:
+        m1, n1 = grid
+        pick = jax.random.permutation(module.make_rng("params"), m1 * n1)[:nnz_max]
+        mask = jnp.zeros((m1 * n1,), bool).at[pick].set(True).reshape(m1, n1)
+        drawn.append(bsr_lib.indices_from_mask(mask, nnz_max))
+      return drawn[0][i]
+    return fn
+
+  return tuple(module.variable(INDEX_COLLECTION, name, init(i)).value
+               for i, name in enumerate(("rows", "cols", "nnz")))
+
+
+def _budget(module: nn.Module, grid: Shape2, nnz_max: int | None) -> int:
+  total = grid[0] * grid[1]
+  nnz_max = total if nnz_max is None else int(nnz_max)
+  if not 1 <= nnz_max <= total:
+    raise ValueError(f"layer '{module.name}': nnz_max must be in [1, {total}] for its "
+                     f"{grid[0]}x{grid[1]} block grid, got {nnz_max}.")
+  return nnz_max
+
+
+def _blocks_init(std: float):
+  return nn.initializers.normal(stddev=std)
+
+
+def _weight(module, in_features: int, block_shape: Sequence[int], taps: tuple[int, ...]):
+  """Creates the variables and returns the ``(Cin*taps, Cout)`` ``BSR`` weight."""
+  where = f"layer '{module.name}'"
+  bm, bn = (int(v) for v in block_shape)
+  try:
+    grid = bsr_lib.block_grid((in_features, module.features), (bm, bn))
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+  nnz_max = _budget(module, grid, module.nnz_max)
+  rows, cols, nnz = _indices(module, grid, nnz_max)
+  n_taps = math.prod(taps)
+  fan_in = max(1.0, nnz_max * bm * n_taps / grid[1])
+  blocks = module.param("blocks", _blocks_init(math.sqrt(2.0 / fan_in)),
+                        (nnz_max, *taps, bm, bn), module.param_dtype)
+  if taps:
+    blocks = jnp.moveaxis(blocks, -2, 1).reshape(nnz_max, bm * n_taps, bn)
+  shape = (in_features * n_taps, module.features)
+  return bsr_lib.from_indices(blocks, rows, cols, nnz, shape)
+
+
+def _bias(module, y):
+  if not module.use_bias:
+    return y
+  bias = module.param("bias", nn.initializers.zeros, (module.features,), module.param_dtype)
+  return y + jnp.asarray(bias, y.dtype)
+
+
+class BlockSparseDense(nn.Module):
+  """``y = x @ W + bias`` with ``W`` ``(in, features)`` stored as ``nnz_max`` blocks.
+
+  Attributes:
+    features: output dimension.
+    block_shape: ``(bm, bn)``; ``bm`` divides the input and ``bn`` the output dimension.
+    nnz_max: block budget (default: all blocks).
+    impl: ``bsr_matmul`` implementation (None: the process default / backend choice).
+  """
+  features: int
+  block_shape: Shape2
+  nnz_max: int | None = None
+  impl: str | None = None
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    w = _weight(self, x.shape[-1], self.block_shape, ())
+    blocks, x = nn.dtypes.promote_dtype(w.blocks, x, dtype=self.dtype)
+    return _bias(self, bsr_matmul(x, w.replace(blocks=blocks), impl=self.impl))
+
+
+class BlockSparseConv(nn.Module):
+  """2-D convolution (NHWC) whose ``(Cin, Cout)`` plane is block-sparse, shared by taps.
+
+  Attributes:
+    features: output channels.
+    kernel_size: ``(kh, kw)``.
+    block_shape: ``(bm, bn)`` over ``(Cin, Cout)``.
+    nnz_max: block budget over the ``(Cin/bm, Cout/bn)`` grid (default: all blocks).
+    strides, padding: as ``lax.conv_general_dilated``.
+    impl: ``bsr_matmul`` implementation.
+  """
+  features: int
+  kernel_size: Sequence[int]
+  block_shape: Shape2
+  nnz_max: int | None = None
+  strides: Sequence[int] = (1, 1)
+  padding: Any = "SAME"
+  impl: str | None = None
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    taps = tuple(int(v) for v in self.kernel_size)
+    w = _weight(self, x.shape[-1], self.block_shape, taps)
+    blocks, x = nn.dtypes.promote_dtype(w.blocks, x, dtype=self.dtype)
+    patches = jax.lax.conv_general_dilated_patches(
+        x, taps, tuple(self.strides), self.padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return _bias(self, bsr_matmul(patches, w.replace(blocks=blocks), impl=self.impl))

@@ -1,0 +1,136 @@
+"""``bsr_matmul``: the one entry point for block-sparse products, and its dispatch.
+
+``bsr_matmul(x, w, transpose=False, impl=None, interpret=None)`` computes ``x @ W`` (or
+``x @ W.T``) for a ``BSR`` weight ``w`` and ``x`` with any leading dims, under a
+``jax.custom_vjp``:
+
+- ``dx = dy @ W.T`` (``dy @ W`` for the transpose): the same block-sparse product;
+- ``dW`` only for the stored blocks: block ``k`` is ``x[:, rows[k]].T @ dy[:, cols[k]]``
+  (a sampled dense-dense product), zero for padding entries; indices get no gradient.
+
+Implementations: ``'xla'`` (plain XLA ops, any backend), ``'pallas_tpu'`` (Mosaic),
+``'pallas_gpu'`` (Triton). ``impl=None`` or ``'auto'`` takes the process-wide setting
+(``set_impl`` / ``use_impl``, e.g. from a ``kernels.impl`` config flag) and, when that is
+``'auto'`` too, picks by ``jax.default_backend()``: tpu -> pallas_tpu, gpu -> pallas_gpu,
+otherwise xla. A Pallas choice falls back to ``'xla'`` when the kernel's shape
+constraints are not met (``resolve_impl`` says what will run), except in interpret mode,
+where the Pallas kernels run on any backend and any block shape (for tests).
+Accumulation is f32; the output has ``x.dtype``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bsparse.kernels import bsr as bsr_lib
+from bsparse.kernels import pallas_gpu, pallas_tpu, xla
+
+IMPLS = {"xla": xla, "pallas_tpu": pallas_tpu, "pallas_gpu": pallas_gpu}
+_BY_BACKEND = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}
+
+
+@dataclasses.dataclass
+class _Settings:
+  impl: str = "auto"
+  interpret: bool = False
+
+
+_SETTINGS = _Settings()
+
+
+def _check(impl: str | None) -> str:
+  impl = impl or "auto"
+  if impl != "auto" and impl not in IMPLS:
+    raise ValueError(f"unknown bsr_matmul impl '{impl}'; valid: {['auto', *IMPLS]}.")
+  return impl
+
+
+def set_impl(impl: str | None = "auto", interpret: bool | None = None) -> None:
+  """Sets the process-wide default implementation (and interpret mode)."""
+  _SETTINGS.impl = _check(impl)
+  if interpret is not None:
+    _SETTINGS.interpret = bool(interpret)
+
+
+@contextlib.contextmanager
+def use_impl(impl: str | None = "auto", interpret: bool | None = None):
+  """Context manager form of ``set_impl``; restores the previous setting on exit.
+
+  The setting is read when a function is traced: use it around the first call of a
+  jitted function.
+  """
+  old = dataclasses.replace(_SETTINGS)
+  set_impl(impl, interpret)
+  try:
+    yield
+  finally:
+    _SETTINGS.impl, _SETTINGS.interpret = old.impl, old.interpret
+
+
+def resolve_impl(impl: str | None, w: bsr_lib.BSR, dtype, interpret: bool = False) -> str:
+  """The implementation ``bsr_matmul`` runs for ``impl`` on this weight and dtype."""
+  impl = _check(impl)
+  if impl == "auto":
+    impl = _SETTINGS.impl
+  if impl == "auto":
+    impl = _BY_BACKEND.get(jax.default_backend(), "xla")
+  if interpret or IMPLS[impl].supports(w, dtype):
+    return impl
+  return "xla"
+
+
+def bsr_matmul(x: jax.Array, w: bsr_lib.BSR, transpose: bool = False,
+               impl: str | None = None, interpret: bool | None = None) -> jax.Array:
+  """``x @ W`` (or ``x @ W.T`` with ``transpose=True``) for a block-sparse ``W``.
+
+  Args:
+    x: ``(..., m)`` (``(..., n)`` when transposed) for ``W`` of shape ``(m, n)``.
+    w: the ``BSR`` weight.
+    transpose: multiply by ``W.T``.
+    impl: ``None``/``'auto'``, ``'xla'``, ``'pallas_tpu'`` or ``'pallas_gpu'``.
+    interpret: run Pallas kernels in interpret mode; defaults to the process setting.
+  Returns:
+    ``(..., n)`` (``(..., m)`` when transposed) in ``x.dtype``.
+  """
+  k_in = w.shape[1] if transpose else w.shape[0]
+  if x.shape[-1] != k_in:
+    op = "x @ W.T" if transpose else "x @ W"
+    raise ValueError(f"{op}: x has {x.shape[-1]} features, W is {w.shape[0]}x{w.shape[1]}.")
+  interpret = _SETTINGS.interpret if interpret is None else bool(interpret)
+  impl = resolve_impl(impl, w, x.dtype, interpret)
+  lead = x.shape[:-1]
+  y = _matmul(impl, interpret, transpose, x.reshape(-1, k_in), w)
+  return y.reshape(*lead, y.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _matmul(impl, interpret, transpose, x, w):
+  return IMPLS[impl].matmul(x, w, transpose, interpret=interpret)
+
+
+def _matmul_fwd(impl, interpret, transpose, x, w):
+  return _matmul(impl, interpret, transpose, x, w), (x, w)
+
+
+def _matmul_bwd(impl, interpret, transpose, res, dy):
+  x, w = res
+  kernel = IMPLS[impl]
+  dx = kernel.matmul(dy, w, not transpose, interpret=interpret)
+  a, b = (dy, x) if transpose else (x, dy)
+  dblocks = kernel.sddmm(a, b, w, interpret=interpret)
+  dblocks = jnp.where(w.valid()[:, None, None], dblocks, 0).astype(w.blocks.dtype)
+  dw = w.replace(blocks=dblocks, rows=_int_zero(w.rows), cols=_int_zero(w.cols),
+                 nnz=_int_zero(w.nnz))
+  return dx.astype(x.dtype), dw
+
+
+def _int_zero(v):
+  return np.zeros(v.shape, jax.dtypes.float0)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)

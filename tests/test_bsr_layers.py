@@ -1,0 +1,152 @@
+"""Block-sparse layers, and KPD -> BSR conversion giving the same model outputs."""
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bsparse.kernels import bsr, convert
+from bsparse.kernels.layers import INDEX_COLLECTION, BlockSparseConv, BlockSparseDense
+from bsparse.layers import KronConv, KronDense
+
+
+def random_variables(layer, x, mask, seed=0):
+  """Variables for a block-sparse layer without compiling its init."""
+  shapes = jax.eval_shape(layer.init, jax.random.key(0), x)
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), s.dtype),
+                        shapes["params"])
+  rows, cols, nnz = bsr.indices_from_mask(jnp.asarray(mask), layer.nnz_max)
+  return {"params": params, INDEX_COLLECTION: {"rows": rows, "cols": cols, "nnz": nnz}}
+
+
+def test_dense_layer_init_and_apply_match_its_dense_weight():
+  layer = BlockSparseDense(24, (8, 6), nnz_max=5)
+  x = jax.random.normal(jax.random.key(0), (2, 3, 16))
+  v = jax.jit(layer.init)(jax.random.key(1), x)
+  assert v["params"]["blocks"].shape == (5, 8, 6)
+  idx = v[INDEX_COLLECTION]
+  assert set(idx) == {"rows", "cols", "nnz"} and int(idx["nnz"]) == 5
+  w = bsr.from_indices(v["params"]["blocks"], idx["rows"], idx["cols"], idx["nnz"], (16, 24))
+  assert int(w.mask().sum()) == 5
+  assert 0.0 < float(jnp.std(v["params"]["blocks"])) < 1.0
+  y = jax.jit(layer.apply)(v, x)
+  chex.assert_trees_all_close(y, x @ w.to_dense() + v["params"]["bias"], atol=1e-5)
+
+
+def test_dense_layer_gradients_reach_only_blocks_and_bias():
+  layer = BlockSparseDense(8, (4, 4), nnz_max=3)
+  x = jax.random.normal(jax.random.key(0), (5, 8))
+  v = random_variables(layer, x, np.array([[1, 0], [1, 1]], bool))
+  loss = lambda p: jnp.sum(layer.apply({**v, "params": p}, x) ** 2)  # noqa: E731
+  grads = jax.jit(jax.grad(loss))(v["params"])
+  assert set(grads) == {"blocks", "bias"} and float(jnp.abs(grads["blocks"]).sum()) > 0
+
+
+def test_changing_the_index_collection_does_not_recompile():
+  layer = BlockSparseDense(16, (4, 4), nnz_max=6, use_bias=False)
+  x = jnp.ones((2, 16))
+  apply = jax.jit(layer.apply)
+  for seed in range(3):
+    mask = np.random.default_rng(seed).permutation(16).reshape(4, 4) < 2 + 2 * seed
+    v = random_variables(layer, x, mask)
+    idx = v[INDEX_COLLECTION]
+    w = bsr.from_indices(v["params"]["blocks"], idx["rows"], idx["cols"], idx["nnz"], (16, 16))
+    np.testing.assert_array_equal(w.mask(), mask)
+    chex.assert_trees_all_close(apply(v, x), x @ w.to_dense(), atol=1e-5)
+  assert apply._cache_size() == 1
+
+
+def test_conv_layer_matches_lax_conv_with_its_kernel():
+  layer = BlockSparseConv(12, (3, 3), (4, 6), nnz_max=3, strides=(2, 1), padding="VALID")
+  x = jax.random.normal(jax.random.key(0), (2, 7, 6, 8))
+  v = random_variables(layer, x, np.array([[1, 0], [1, 1]], bool))
+  idx = jax.tree.map(np.asarray, v[INDEX_COLLECTION])
+  blocks = np.asarray(v["params"]["blocks"])  # (3, 3, 3, 4, 6)
+  kernel = np.zeros((3, 3, 8, 12), np.float32)
+  for k in range(int(idx["nnz"])):
+    i, j = idx["rows"][k], idx["cols"][k]
+    kernel[:, :, i * 4:(i + 1) * 4, j * 6:(j + 1) * 6] += blocks[k]
+  ref = jax.lax.conv_general_dilated(x, kernel, (2, 1), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  chex.assert_trees_all_close(jax.jit(layer.apply)(v, x), ref + v["params"]["bias"], atol=1e-4)
+
+
+def test_layer_errors():
+  with pytest.raises(ValueError, match="layer 'bad'.*does not divide"):
+    BlockSparseDense(10, (4, 4), name="bad").init(jax.random.key(0), jnp.ones((1, 8)))
+  with pytest.raises(ValueError, match=r"nnz_max must be in \[1, 4\]"):
+    BlockSparseDense(8, (4, 4), nnz_max=9).init(jax.random.key(0), jnp.ones((1, 8)))
+
+
+class KronNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(KronConv(16, (3, 3), block_shapes=((4, 8),), rank=2, name="conv")(x))
+    x = nn.relu(KronConv(8, (1, 1), strides=(2, 2), block_shapes=((16, 4),), name="proj")(x))
+    x = nn.Dense(32, name="bridge")(x.reshape(x.shape[0], -1))
+    return KronDense(10, block_shapes=((8, 5),), rank=3, name="head")(x)
+
+
+class SparseNet(nn.Module):
+  specs: dict
+
+  @nn.compact
+  def __call__(self, x):
+    conv = lambda n, f, **kw: BlockSparseConv(  # noqa: E731
+        f, self.specs[n].kernel_size, self.specs[n].block_shape, self.specs[n].nnz_max,
+        name=n, **kw)
+    x = nn.relu(conv("conv", 16)(x))
+    x = nn.relu(conv("proj", 8, strides=(2, 2))(x))
+    x = nn.Dense(32, name="bridge")(x.reshape(x.shape[0], -1))
+    s = self.specs["head"]
+    return BlockSparseDense(10, s.block_shape, s.nnz_max, name="head")(x)
+
+
+def random_params(model, x, seed, keep=0.5):
+  """Random params for ``model`` (no init compile); selectors keep ``keep`` of the blocks."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+
+  def draw(path, s):
+    v = rng.standard_normal(s.shape).astype(np.float32) / np.sqrt(max(s.shape[-2:]))
+    if path[-1].key == "S":
+      v = v * (rng.random(s.shape) < keep)
+    return jnp.asarray(v)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@pytest.mark.parametrize("budget", [None, 4])
+def test_converted_model_matches_kpd_model(budget):
+  x = jax.random.normal(jax.random.key(0), (3, 6, 6, 8))
+  params = random_params(KronNet(), x, seed=2)
+  y_kpd = jax.jit(KronNet().apply)({"params": params}, x)
+  nnz_max = None if budget is None else {"head": 8, "conv": budget}
+  variables = convert.kpd_to_bsr_params(params, nnz_max)
+  specs = convert.bsr_layer_specs(params, nnz_max)
+  assert set(specs) == {"conv", "proj", "head"}
+  assert specs["conv"].kernel_size == (3, 3) and specs["head"].kernel_size is None
+  assert specs["head"].block_shape == (8, 5)
+  if budget is not None:
+    assert specs["conv"].nnz_max == 4 and variables["params"]["conv"]["blocks"].shape[0] == 4
+    assert variables["params"]["head"]["blocks"].shape == (8, 8, 5)
+  np.testing.assert_array_equal(variables["params"]["bridge"]["kernel"],
+                                params["bridge"]["kernel"])
+  y_bsr = jax.jit(SparseNet(specs).apply)(variables, x)
+  chex.assert_trees_all_close(y_bsr, y_kpd, atol=1e-4, rtol=1e-4)
+
+
+def test_conversion_rejects_several_candidate_terms():
+  x = jnp.ones((2, 16))
+  layer = KronDense(8, block_shapes=((4, 4), (8, 2)))
+  params = {"fc": random_params(layer, x, seed=0)}
+  with pytest.raises(ValueError, match="layer 'fc' has 2 candidate KPD terms"):
+    convert.kpd_to_bsr_params(params)
+
+
+def test_conversion_rejects_a_budget_below_the_block_count():
+  x = jnp.ones((2, 16))
+  params = {"fc": random_params(KronDense(8, block_shapes=((4, 4),)), x, seed=0, keep=1.0)}
+  with pytest.raises(ValueError, match="layer 'fc': the mask has 8 blocks"):
+    convert.kpd_to_bsr_params(params, nnz_max=3)
