@@ -13,11 +13,32 @@ from absl import app, flags
 import jax
 
 from bsparse import data as data_lib
-from bsparse import checkpoints, cli, distributed, report, sparsity, train_lib, validate
+from bsparse import (checkpoints, cli, distributed, export, report, sparsity, train_lib,
+                     validate)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The --workdir of a train.py run.",
                                required=True)
 _SPLIT = flags.DEFINE_enum("split", "test", ["test", "val"], "Split to evaluate.")
+_SERVING = flags.DEFINE_bool(
+    "serving", True, "For KPD models: also evaluate the block-sparse (BSR) form, time the "
+    "factored, BSR and dense forms, and export the nonzero blocks to <workdir>/blocks.npz.")
+_LATENCY_BATCH = flags.DEFINE_integer("latency_batch", 256, "Batch size for the latency runs.")
+
+
+def serving_report(model, variables, split, config) -> dict:
+  """Accuracy of the BSR form and forward latency of the factored, BSR and dense forms."""
+  forms = export.serving_forms(model, jax.device_get(variables))
+  batches = list(data_lib.eval_batches(split, batch_size=config.eval_batch_size))
+  x = next(data_lib.eval_batches(split, batch_size=_LATENCY_BATCH.value))["image"]
+  out = {"bsr_accuracy": export.accuracy(*forms["bsr"], batches),
+         "latency_ms": {k: export.latency_ms(m, v, x) for k, (m, v) in forms.items()},
+         "latency_batch": int(x.shape[0]), "backend": jax.default_backend()}
+  return out
+
+
+def has_single_kpd_terms(params) -> bool:
+  groups = sparsity.layer_groups(params)
+  return bool(groups) and all(len(t) == 1 for t in groups.values())
 
 
 def main(argv):
@@ -58,6 +79,14 @@ def main(argv):
           f"examples (step {out['step']})\n")
     print(report.format_table(rows))
     print("\nMACs are per example, forward; kpd = factored, bsr = nonzero blocks only.")
+    if _SERVING.value and jax.process_count() == 1 and has_single_kpd_terms(state.params):
+      out["serving"] = serving_report(model, variables, split, config)
+      export.save_blocks(jax.device_get(state.params), os.path.join(workdir, "blocks.npz"))
+      s = out["serving"]
+      print(f"\nblock-sparse form: {_SPLIT.value} accuracy {s['bsr_accuracy']:.4f} "
+            f"(factored {result['accuracy']:.4f}); nonzero blocks in blocks.npz")
+      print(f"forward latency, batch {s['latency_batch']} on {s['backend']}: " + ", ".join(
+          f"{k} {v:.2f} ms" for k, v in s["latency_ms"].items()))
     with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:
       json.dump(out, f, indent=2)
 

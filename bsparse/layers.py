@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from bsparse import kron
+from bsparse.kernels import layers as bsr_layers
 
 Shape2 = tuple[int, int]
 
@@ -130,7 +131,8 @@ class LayerFactory:
   """Builds the weight layers of a model so one model runs dense or block-sparse.
 
   Models call ``dense(features, name)`` / ``conv(features, kernel, strides, name)`` with
-  stable names; ``kind`` picks ``nn.Dense``/``nn.Conv`` or the KPD layers, and per-layer
+  stable names; ``kind`` picks ``nn.Dense``/``nn.Conv``, the KPD layers, or (``bsr``, for
+  serving a converted model) the block-sparse layers of ``bsr_specs``; per-layer
   ``block_shapes`` / ``ranks`` (keyed by layer name) override the defaults. Names listed
   in ``dense_layers`` stay dense (e.g. the stem and the classifier head).
   """
@@ -141,14 +143,18 @@ class LayerFactory:
   ranks: dict[str, int] = dataclasses.field(default_factory=dict)
   dense_layers: tuple[str, ...] = ()
   dtype: Any = None
+  bsr_specs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  impl: str | None = None
 
-  KINDS = ("dense", "kpd")
+  KINDS = ("dense", "kpd", "bsr")
 
   def __post_init__(self):
     if self.kind not in self.KINDS:
       raise ValueError(f"unknown layer kind '{self.kind}'; valid: {list(self.KINDS)}.")
 
   def is_sparse(self, name: str) -> bool:
+    if self.kind == "bsr":
+      return name in self.bsr_specs
     return self.kind == "kpd" and name not in self.dense_layers
 
   def shapes_for(self, name: str) -> tuple[Shape2, ...]:
@@ -161,6 +167,10 @@ class LayerFactory:
   def dense(self, features: int, name: str, use_bias: bool = True) -> nn.Module:
     if not self.is_sparse(name):
       return nn.Dense(features, use_bias=use_bias, dtype=self.dtype, name=name)
+    if self.kind == "bsr":
+      spec = self.bsr_specs[name]
+      return bsr_layers.BlockSparseDense(features, tuple(spec.block_shape), spec.nnz_max,
+                                         self.impl, use_bias, self.dtype, name=name)
     return KronDense(features, block_shapes=self.shapes_for(name),
                      rank=self.ranks.get(name, self.rank), use_bias=use_bias,
                      dtype=self.dtype, name=name)
@@ -170,6 +180,11 @@ class LayerFactory:
     if not self.is_sparse(name):
       return nn.Conv(features, tuple(kernel_size), tuple(strides), use_bias=use_bias,
                      dtype=self.dtype, name=name)
+    if self.kind == "bsr":
+      spec = self.bsr_specs[name]
+      return bsr_layers.BlockSparseConv(features, tuple(kernel_size), tuple(spec.block_shape),
+                                        spec.nnz_max, tuple(strides), "SAME", self.impl,
+                                        use_bias, self.dtype, name=name)
     return KronConv(features, tuple(kernel_size), tuple(strides),
                     block_shapes=self.shapes_for(name), rank=self.ranks.get(name, self.rank),
                     use_bias=use_bias, dtype=self.dtype, name=name)

@@ -1,5 +1,6 @@
 """The training loop end to end on tiny data: every config, resume, sharding, eval.py."""
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -145,9 +146,12 @@ def test_eval_prints_the_layer_table(tmp_path):
   out = _run(["-c", script])
   assert out.returncode == 0, out.stderr[-2000:]
   assert "test accuracy" in out.stdout
-  for name in ("fc1", "fc2", "head", "28x10", "kpd_macs", "total"):
+  for name in ("fc1", "fc2", "head", "28x10", "kpd_macs", "total", "block-sparse form",
+               "forward latency"):
     assert name in out.stdout
-  assert os.path.exists(tmp_path / "eval.json")
+  assert os.path.exists(tmp_path / "eval.json") and os.path.exists(tmp_path / "blocks.npz")
+  serving = json.load(open(tmp_path / "eval.json"))["serving"]
+  assert set(serving["latency_ms"]) == {"kpd", "bsr", "dense"}
 
 
 @pytest.mark.parametrize("method", ["gradual", "rigl"])
