@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bsparse import kron, layers as layers_lib, sparsity
+from bsparse import kron, sparsity
 from bsparse.kernels import convert
 
 

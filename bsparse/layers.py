@@ -8,7 +8,7 @@ several candidate block shapes sums their terms (block-size selection in one run
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax

@@ -12,8 +12,9 @@ import chex
 import pytest
 import tensorflow_datasets as tfds
 
-from bsparse import checkpoints, distributed, sparsity, train_lib
+from bsparse import distributed, train_lib
 from configs import mlp_fmnist
+from tests.helpers import restore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOCK_EXAMPLES = 41  # 25 train + 16 validation; the test split has 41, odd
@@ -98,18 +99,6 @@ def launch(script, args, tmp_path, num_processes=2):
   for i, (p, (_, err)) in enumerate(zip(procs, logs)):
     assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{err.read_text()[-3000:]}"
   return [out.read_text() for out, _ in logs]
-
-
-def restore(c, workdir):
-  """The newest checkpoint of ``workdir`` on one device of this process."""
-  model = train_lib.build_model(c, 10)
-  tx, _, _ = sparsity.make_optimizer(c, 4, c.num_train_steps)
-  state = train_lib.create_state(train_lib.init_variables(model, (28, 28, 1), c.seed), tx)
-  manager = checkpoints.checkpoint_manager(str(workdir), c, read_only=True)
-  try:
-    return checkpoints.restore_latest(manager, state, set_aside=False)
-  finally:
-    manager.close()
 
 
 def test_two_processes_train_as_one(tmp_path):

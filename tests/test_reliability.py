@@ -8,14 +8,14 @@ import sys
 import time
 
 import chex
-import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from bsparse import data as data_lib
-from bsparse import checkpoints, metric_writers, sparsity, train_lib, validate
+from bsparse import checkpoints, metric_writers, train_lib, validate
 from configs import mlp_fmnist
+from tests.helpers import restore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOCK_EXAMPLES = 48  # 32 train + 16 validation examples: 4 steps per epoch
@@ -47,19 +47,6 @@ def tiny(steps: int = 6, **changes):
 def train(c, workdir, **kwargs):
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
     return train_lib.train_and_evaluate(c, str(workdir), **kwargs)
-
-
-def restore(c, workdir):
-  """The state in the newest intact checkpoint of ``workdir``, as eval.py restores it."""
-  model = train_lib.build_model(c, 10)
-  tx, _, _ = sparsity.make_optimizer(c, 4, c.num_train_steps)
-  state = jax.eval_shape(lambda: train_lib.create_state(
-      train_lib.init_variables(model, (28, 28, 1), c.seed), tx))
-  manager = checkpoints.checkpoint_manager(str(workdir), c, read_only=True)
-  try:
-    return checkpoints.restore_latest(manager, state, set_aside=False)
-  finally:
-    manager.close()
 
 
 def rows(workdir):

@@ -4,7 +4,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from ml_collections import config_dict
 
 from configs import base
 from bsparse import sparsity

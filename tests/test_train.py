@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from bsparse import data as data_lib
 from bsparse import metric_writers, sparsity, train_lib
+from tests.helpers import restore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ["mlp_fmnist", "mlp_fmnist_dense", "cnn_fmnist", "cnn_fmnist_dense", "resnet_bs",
@@ -85,18 +85,9 @@ def test_resume_continues_the_same_run(tmp_path):
     resumed = train_lib.train_and_evaluate(c, str(tmp_path / "b"))
   assert resumed["step"] == 6
   assert resumed["test/accuracy"] == straight["test/accuracy"]
-  model_a = _restore_params(c, tmp_path / "a")
-  model_b = _restore_params(c, tmp_path / "b")
+  model_a = restore(c, tmp_path / "a").params
+  model_b = restore(c, tmp_path / "b").params
   chex.assert_trees_all_close(model_a, model_b, rtol=1e-6, atol=1e-7)
-
-
-def _restore_params(c, workdir):
-  with tfds.testing.mock_data(num_examples=48):
-    ds = data_lib.get_datasets(c)
-  model = train_lib.build_model(c, ds.num_classes)
-  tx, _, _ = sparsity.make_optimizer(c, 4, 6)
-  state = train_lib.create_state(train_lib.init_variables(model, ds.image_shape, 0), tx)
-  return train_lib.restore_latest(train_lib.checkpoint_manager(str(workdir), c), state).params
 
 
 def test_sharded_step_equals_single_device():
