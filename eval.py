@@ -50,18 +50,17 @@ def main(argv):
   config = checkpoints.load_config(workdir)
   validate.validate_config(config, train_lib.build_model, training=False)
   datasets = data_lib.get_datasets(config)
-  model = train_lib.build_model(config, datasets.num_classes)
   spe, total = train_lib.num_steps(config, len(datasets.train["label"]))
-  tx, _, _ = sparsity.make_optimizer(config, spe, total)
-  variables = train_lib.init_variables(model, datasets.image_shape, config.seed)
   manager = checkpoints.checkpoint_manager(workdir, config, read_only=True)
   if manager.latest_step() is None:
     raise SystemExit(f"No checkpoint in {workdir}/checkpoints: train first with train.py.")
-  steps = train_lib.Steps(model, tx, datasets.num_classes, train_lib.make_mesh())
   # Restoring into replicated arrays reads the checkpoint straight onto every device of
-  # every process, whatever process count wrote it.
-  state = checkpoints.restore_latest(
-      manager, steps.put_state(train_lib.create_state(variables, tx)), set_aside=False)
+  # every process, whatever process count wrote it; after a block-size selection the
+  # model is built with the chosen sizes.
+  state, program, _ = train_lib.restore_program(
+      config, workdir, manager, datasets.num_classes, datasets.image_shape, spe, total,
+      set_aside=False)
+  model, steps = program.model, program.steps
   split = datasets.test if _SPLIT.value == "test" else datasets.val
   if split is None:
     raise SystemExit("This run has no validation split (config.dataset.val_size = 0).")

@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -49,7 +49,8 @@ class WorkdirConflictError(ValueError):
   """The workdir holds a run of a different config."""
 
 
-def _sync(name: str) -> None:
+def sync(name: str) -> None:
+  """Waits for every process (a no-op in a one-process run)."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
 
@@ -141,17 +142,20 @@ def _first_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
 
 
-def restore_latest(manager: ocp.CheckpointManager, state, set_aside: bool = True):
+def restore_latest(manager: ocp.CheckpointManager, state, set_aside: bool = True,
+                   state_at: Callable[[int], Any] | None = None):
   """Restores the newest intact checkpoint into the structure of ``state`` (``state``
-  itself when there is no checkpoint).
+  itself when there is no checkpoint); ``state_at(step)``, when given, is the structure of
+  the checkpoint of ``step`` (a run whose model changes shape at some step).
 
   Checkpoints that cannot be restored are skipped with a warning and, with
   ``set_aside``, renamed to ``<step>.corrupt`` so that the run can save that step again.
   Raises CheckpointError, renaming nothing, when no checkpoint can be restored.
   """
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   failed = []
   for step in sorted(manager.all_steps(), reverse=True):
+    target = state if state_at is None else state_at(step)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
       restored = _restore_verified(manager, step, abstract)
     except Exception as e:  # whatever the failure, the checkpoint is unusable
@@ -186,7 +190,7 @@ def _skip_bad(manager: ocp.CheckpointManager, failed, good: int, set_aside: bool
     logging.warning("Checkpoint %s could not be restored (%s): it is truncated, corrupted "
                     "or from incompatible code. %s", path, reason, action)
   if failed and set_aside:
-    _sync("bsparse_set_aside")
+    sync("bsparse_set_aside")
     manager.reload()
 
 
@@ -262,7 +266,7 @@ def prepare_workdir(workdir: str, config, overwrite: bool = False) -> None:
       target = _free_name(f"{os.path.normpath(workdir)}.old-{time.strftime('%Y%m%d-%H%M%S')}")
       os.rename(workdir, target)
       logging.warning("--overwrite: moved the previous run in %s to %s.", workdir, target)
-    _sync("bsparse_overwrite")
+    sync("bsparse_overwrite")
     return
   path = os.path.join(workdir, "config.json")
   if not (os.path.exists(path) and _holds_checkpoints(workdir)):

@@ -40,26 +40,37 @@ def plot_masks(params, path: str) -> str | None:
   return path
 
 
-def plot_trajectories(workdir: str, path: str) -> str | None:
-  """Block density per layer and validation accuracy against the step."""
-  rows = metric_writers.read_metrics(workdir)
-  keys = sorted({k for r in rows for k in r if k.startswith("density/")})
-  if not rows:
-    return None
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+def _plot_series(ax, rows, keys, prefix: str) -> None:
   for k in keys:
     pts = [(r["step"], r[k]) for r in rows if k in r and "train/loss" in r]
     if pts:
-      ax1.plot(*zip(*pts), label=k.removeprefix("density/"))
-  ax1.set(xlabel="step", ylabel="block density", title="density per layer")
+      ax.plot(*zip(*pts), label=k.removeprefix(prefix))
   if keys:
-    ax1.legend(fontsize=7)
+    ax.legend(fontsize=7)
+
+
+def plot_trajectories(workdir: str, path: str) -> str | None:
+  """Block density per layer, each block-size candidate's share of its layer's weight norm
+  (when a layer has several) and validation accuracy, against the step."""
+  rows = metric_writers.read_metrics(workdir)
+  if not rows:
+    return None
+  keys = {p: sorted({k for r in rows for k in r if k.startswith(p)})
+          for p in ("density/", "share/")}
+  panels = 3 if keys["share/"] else 2
+  fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
+  _plot_series(axes[0], rows, keys["density/"], "density/")
+  axes[0].set(xlabel="step", ylabel="block density", title="density per layer")
+  if keys["share/"]:
+    _plot_series(axes[1], rows, keys["share/"], "share/")
+    axes[1].set(xlabel="step", ylabel="share of the layer's weight norm",
+                title="block-size candidates")
   for key in ("val/accuracy", "train/accuracy"):
     pts = [(r["step"], r[key]) for r in rows if key in r]
     if pts:
-      ax2.plot(*zip(*pts), label=key)
-  ax2.set(xlabel="step", ylabel="accuracy", title="accuracy")
-  ax2.legend(fontsize=7)
+      axes[-1].plot(*zip(*pts), label=key)
+  axes[-1].set(xlabel="step", ylabel="accuracy", title="accuracy")
+  axes[-1].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

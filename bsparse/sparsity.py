@@ -120,6 +120,13 @@ def candidate_shares(flat, terms) -> list[jax.Array]:
   return list(mass / jnp.maximum(mass.sum(), 1e-12))
 
 
+def candidate_share_scalars(params) -> dict[str, jax.Array]:
+  """``{'layer/term': share}`` for the terms of layers with several candidates."""
+  flat = tu.flatten_dict(params)
+  return {"/".join(t): share for terms in layer_groups(params).values() if len(terms) > 1
+          for t, share in zip(terms, candidate_shares(flat, terms))}
+
+
 def block_sparsity(lam: Schedule, lr: Schedule, lr_peak: float, freeze_step: int = -1,
                    target_density: float | None = None, penalty_after_freeze: bool = False,
                    anneal: Schedule | None = None, anneal_strength: float = 0.0,

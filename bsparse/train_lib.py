@@ -3,12 +3,13 @@ resumes from its checkpoints, stops cleanly on SIGTERM/SIGINT and on NaN/Inf."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -22,9 +23,9 @@ from tqdm import tqdm
 
 from bsparse import data as data_lib
 from bsparse import layers as layers_lib
-from bsparse import (baselines, checkpoints, metric_writers, models, plots, sparsity,
-                     validate)
-from bsparse.checkpoints import checkpoint_manager, restore_latest, save_config
+from bsparse import (baselines, checkpoints, metric_writers, models, plots, selection,
+                     sparsity, validate)
+from bsparse.checkpoints import checkpoint_manager, save_config
 
 
 @flax.struct.dataclass
@@ -168,6 +169,39 @@ class Steps:
     return jax.device_put(state, self.replicated)
 
 
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """Everything that depends on the model's shape: the model, its optimizer chain with
+  the learning-rate and penalty schedules, and the compiled steps."""
+  model: nn.Module
+  tx: optax.GradientTransformation
+  schedules: tuple[Any, Any]  # (lr, lam): step -> value
+  steps: Steps
+
+
+def build_program(config, num_classes: int, steps_per_epoch: int, total: int,
+                  mesh) -> Program:
+  model = build_model(config, num_classes)
+  tx, lr_fn, lam_fn = sparsity.make_optimizer(config, steps_per_epoch, total)
+  steps = Steps(model, tx, num_classes, mesh, config.label_smoothing, config.nan_policy)
+  return Program(model, tx, (lr_fn, lam_fn), steps)
+
+
+def without_terms(state: TrainState, dead: list[tuple[str, ...]]) -> TrainState:
+  """``state`` with the KPD terms ``dead`` removed from params and optimizer state."""
+  return state.replace(params=selection.prune_tree(state.params, dead),
+                       opt_state=selection.prune_tree(state.opt_state, dead))
+
+
+def check_opt_state(state: TrainState, tx: optax.GradientTransformation) -> None:
+  """Raises RuntimeError unless ``state.opt_state`` has the structure ``tx`` gives
+  ``state.params`` (after dropping candidates from both)."""
+  expected = jax.tree.structure(jax.eval_shape(tx.init, state.params))
+  if jax.tree.structure(state.opt_state) != expected:
+    raise RuntimeError("The optimizer state without the dropped candidates does not match "
+                       "the optimizer of the selected model; this is a bug in bsparse.")
+
+
 def evaluate(steps: Steps, state: TrainState, arrays, batch_size: int) -> dict[str, float]:
   """Exact accuracy and mean loss over a whole split."""
   totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
@@ -259,8 +293,11 @@ def _check_finite(window: list[dict], last_step: int, manager) -> None:
 
 
 def sparsity_scalars(params, opt_state) -> dict[str, float]:
-  """Block density per KPD term or per masked layer of a baseline, and over all weights."""
+  """Block density per KPD term or per masked layer of a baseline, and over all weights;
+  for layers with several block-size candidates, each candidate's share of the layer's
+  weight norm (``share/<layer>/<term>``)."""
   out = {f"density/{k}": v for k, v in sparsity.block_density(params).items()}
+  out.update({f"share/{k}": v for k, v in sparsity.candidate_share_scalars(params).items()})
   if out:
     out["density/weights"] = sparsity.weight_density(params)
   out.update({f"density/{k}": v for k, v in baselines.block_density(params, opt_state).items()})
@@ -300,7 +337,7 @@ def _window_scalars(window: list[dict]) -> dict[str, float]:
 
 
 def _log_scalars(config, state: TrainState, window: list[dict], seconds: float, done: int,
-                 schedules) -> dict[str, float]:
+                 schedules: tuple[Any, Any]) -> dict[str, float]:
   lr_fn, lam_fn = schedules
   scalars = {**_window_scalars(window),
              "examples_per_sec": len(window) * config.batch_size / seconds,
@@ -311,13 +348,21 @@ def _log_scalars(config, state: TrainState, window: list[dict], seconds: float, 
   return scalars
 
 
-def _train(config, steps: Steps, state: TrainState, datasets: data_lib.Datasets, manager,
-           writer: metric_writers.MetricWriter, schedules, spe: int, total: int) -> TrainState:
-  """Runs the steps after ``state.step`` up to ``total``, logging, evaluating on the
-  validation split and checkpointing as configured.
+Selector = Callable[[TrainState], tuple[TrainState, Program]]
 
-  Raises NonFiniteError (``nan_policy='stop'``) before logging, evaluating or saving
-  past a step with a NaN/Inf, and Interrupted after saving on SIGTERM/SIGINT.
+
+def _train(config, program: Program, state: TrainState, datasets: data_lib.Datasets,
+           manager, writer: metric_writers.MetricWriter, spe: int, total: int,
+           select_at: int | None = None, select: Selector | None = None
+           ) -> tuple[TrainState, Program]:
+  """Runs the steps after ``state.step`` up to ``total``, logging, evaluating on the
+  validation split and checkpointing as configured; returns the final state and the
+  program that runs it.
+
+  After step ``select_at`` it calls ``select`` (drop the losing block-size candidates,
+  rebuild the program: one re-jit) and saves a checkpoint of the smaller model.
+  Raises NonFiniteError (``nan_policy='stop'``) before logging, evaluating, selecting or
+  saving past a step with a NaN/Inf, and Interrupted after saving on SIGTERM/SIGINT.
   """
   start = int(state.step)
   batches = data_lib.train_batches(
@@ -330,16 +375,22 @@ def _train(config, steps: Steps, state: TrainState, datasets: data_lib.Datasets,
   with tqdm(total=total, initial=start, disable=not show, unit="step", dynamic_ncols=True,
             mininterval=1.0) as bar, StopRequest() as stop:
     for done in range(start + 1, total + 1):
+      steps = program.steps
       state, metrics = steps.train(state, steps.put_batch(next(batches)))
       window.append(metrics)
       last, stopping = done == total, stop.requested(manager, done)
+      selecting = done == select_at
       log = done % config.log_every_steps == 0 or last
       validate_now = datasets.val is not None and (done % eval_every == 0 or last)
-      save = done % config.checkpoint_every_steps == 0 or last or stopping
+      save = done % config.checkpoint_every_steps == 0 or last or stopping or selecting
       if config.nan_policy == "stop" and (log or validate_now or save):
         _check_finite(window, done, manager)
+      if selecting:
+        state, program = select(state)
+        steps = program.steps
       if log:
-        scalars = _log_scalars(config, state, window, time.perf_counter() - t0, done, schedules)
+        scalars = _log_scalars(config, state, window, time.perf_counter() - t0, done,
+                               program.schedules)
         writer.write(done, scalars)
         bar.set_postfix(loss=f"{scalars['train/loss']:.3f}",
                         acc=f"{scalars['train/accuracy']:.3f}",
@@ -357,7 +408,66 @@ def _train(config, steps: Steps, state: TrainState, datasets: data_lib.Datasets,
       if stopping:
         manager.wait_until_finished()
         raise Interrupted(stop.signum, done, str(manager.directory))
-  return state
+  return state, program
+
+
+def _selector(config, workdir: str, build: Callable[[Any], Program]) -> Selector:
+  """Drops the losing candidates after the selection step and records the choice in
+  ``workdir`` (before the checkpoint without them is saved)."""
+
+  def select(state: TrainState) -> tuple[TrainState, Program]:
+    state = without_terms(state, selection.dead_terms(state.opt_state))
+    choice = selection.choice_from_params(config, state.params, int(state.step))
+    program = build(selection.with_choice(config, choice))
+    check_opt_state(state, program.tx)
+    if jax.process_index() == 0:
+      selection.save_choice(workdir, choice)
+      tqdm.write(f"step {choice.step}: block sizes chosen: " + ", ".join(
+          f"{k} {m}x{n}" for k, (m, n) in sorted(choice.block_shapes.items())))
+    checkpoints.sync("bsparse_selection")
+    return state, program
+
+  return select
+
+
+def _checked_choice(config, workdir: str, manager, spe: int) -> selection.Choice | None:
+  """The recorded block-size choice of ``workdir``, or None; raises CheckpointError when
+  checkpoints from after the selection exist but the record of the choice does not."""
+  choice = selection.load_choice(workdir)
+  boundary = selection.boundary_step(config, spe)
+  if choice is None and boundary is not None and any(
+      s >= boundary for s in manager.all_steps()):
+    raise checkpoints.CheckpointError(
+        f"The checkpoints in {manager.directory} from step {boundary} on hold the model "
+        f"after the block-size selection, but {workdir}/{selection.CHOICE_FILE}, which "
+        "records the chosen sizes, is missing. Put it back, or start over with --overwrite "
+        "or a new --workdir.")
+  return choice
+
+
+def restore_program(config, workdir: str, manager, num_classes: int, image_shape,
+                    spe: int, total: int, set_aside: bool = True
+                    ) -> tuple[TrainState, Program, Callable[[Any], Program]]:
+  """The newest intact checkpoint of ``workdir`` (or the initial state) and the program
+  of the model it holds: the model with every block-size candidate, or, after the
+  selection, with the winners recorded in ``selection.json``. Also returns the builder of
+  programs (config -> Program)."""
+  mesh = make_mesh()
+  build = lambda c: build_program(c, num_classes, spe, total, mesh)
+  program = build(config)
+  init = program.steps.put_state(
+      create_state(init_variables(program.model, image_shape, config.seed), program.tx))
+  choice = _checked_choice(config, workdir, manager, spe)
+
+  def state_at(step: int) -> TrainState:
+    if choice is None or step < choice.step:
+      return init
+    return without_terms(init, selection.losers(config, choice, init.params))
+
+  state = checkpoints.restore_latest(manager, init, set_aside, state_at)
+  if choice is not None and int(state.step) >= choice.step:
+    program = build(selection.with_choice(config, choice))
+  return state, program, build
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -374,18 +484,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   checkpoints.prepare_workdir(workdir, config, overwrite)
   is_main = jax.process_index() == 0
   datasets = data_lib.get_datasets(config)
-  model = build_model(config, datasets.num_classes)
   spe, total = num_steps(config, len(datasets.train["label"]))
-  tx, lr_fn, lam_fn = sparsity.make_optimizer(config, spe, total)
-  state = create_state(init_variables(model, datasets.image_shape, config.seed), tx)
-
   save_config(workdir, config)
-  steps = Steps(model, tx, datasets.num_classes, make_mesh(), config.label_smoothing,
-                config.nan_policy)
   with contextlib.ExitStack() as stack:
     manager = checkpoint_manager(workdir, config)
     stack.callback(manager.close)
-    state = restore_latest(manager, steps.put_state(state))  # onto every process's devices
+    # Restored onto every process's devices.
+    state, program, build = restore_program(config, workdir, manager, datasets.num_classes,
+                                            datasets.image_shape, spe, total)
     start = int(state.step)
     if is_main:
       trim_metrics(workdir, start)
@@ -393,11 +499,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         print(f"Resuming from the checkpoint at step {start} in {workdir}.")
     writer = metric_writers.MetricWriter(workdir, enabled=is_main)
     stack.callback(writer.close)
-    state = _train(config, steps, state, datasets, manager, writer,
-                   (lr_fn, lam_fn), spe, total)
+    select_at = selection.boundary_step(config, spe)
+    state, program = _train(config, program, state, datasets, manager, writer, spe, total,
+                            select_at, _selector(config, workdir, build))
     manager.wait_until_finished()
 
-    test = evaluate(steps, state, datasets.test, config.eval_batch_size)
+    test = evaluate(program.steps, state, datasets.test, config.eval_batch_size)
     summary = {"step": int(state.step), "test/accuracy": test["accuracy"],
                "test/loss": test["loss"], "test/examples": test["examples"],
                **sparsity_scalars(state.params, state.opt_state)}

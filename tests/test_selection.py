@@ -1,10 +1,18 @@
-"""Dropping losing block-size candidates from params, optimizer state and config."""
+"""Dropping losing block-size candidates from params, optimizer state and config, and
+doing it inside the training loop (resume on either side of the selection)."""
+import os
+import shutil
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
+import tensorflow_datasets as tfds
 
-from bsparse import selection, sparsity
+from bsparse import (checkpoints, data, layers, metric_writers, selection, sparsity,
+                     train_lib)
 from tests.test_sparsity import two_candidates
 
 
@@ -29,3 +37,97 @@ def test_prune_tree_removes_dead_terms_everywhere():
   grads = jax.tree.map(jnp.ones_like, params2)
   updates, _ = tx.update(grads, state2, params2)
   assert np.all(np.isfinite(np.asarray(updates["fc1"]["kron_3x2"]["A"])))
+
+
+# --------------------------------------------------------------------------- in the loop
+
+
+def selecting(steps: int = 10):
+  """Tiny MLP whose fc1 holds two candidates; 4 steps per epoch, so the selection runs in
+  the update of step 5 (select_step 4) and checkpoint 5 holds the smaller model."""
+  from tests.test_train import tiny
+  c = tiny("mlp_fmnist", steps)
+  c.layers.block_shapes.fc1 = ((28, 10), (14, 10))
+  c.selection.start_epoch = 0.0
+  c.selection.anneal_epochs = 0.5
+  c.selection.select_epoch = 1.0
+  c.checkpoint_every_steps = 3  # and at the selection: checkpoints 3, 5, 6, 9, 10
+  c.keep_checkpoints = 20
+  return c
+
+
+def train(c, workdir):
+  with tfds.testing.mock_data(num_examples=48):
+    return train_lib.train_and_evaluate(c, str(workdir))
+
+
+def restored(c, workdir):
+  manager = checkpoints.checkpoint_manager(str(workdir), c, read_only=True)
+  try:
+    state, program, _ = train_lib.restore_program(c, str(workdir), manager, 10, (28, 28, 1),
+                                                  4, c.num_train_steps, set_aside=False)
+  finally:
+    manager.close()
+  return state, program
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """One uninterrupted run of ``selecting()``: (config, workdir, summary, final state)."""
+  c, workdir = selecting(), tmp_path_factory.mktemp("reference")
+  summary = train(c, workdir)
+  return c, workdir, summary, restored(c, workdir)[0]
+
+
+def test_the_loop_drops_the_losers_and_trains_on(reference):
+  c, workdir, summary, _ = reference
+  choice = selection.load_choice(str(workdir))
+  assert choice is not None and choice.step == 5 and set(choice.block_shapes) == {"fc1"}
+  kept = layers.term_name(choice.block_shapes["fc1"])
+  assert kept in ("kron_28x10", "kron_14x10")
+  state, program = restored(c, workdir)
+  assert int(state.step) == 10
+  assert set(state.params["fc1"]) == {kept, "bias"}
+  assert set(sparsity.sparsity_state(state.opt_state).masks) == {f"fc1/{kept}",
+                                                                  "fc2/kron_10x10"}
+  # The checkpoint holds the model the program builds: it evaluates to the run's accuracy.
+  with tfds.testing.mock_data(num_examples=48):
+    test = data.get_datasets(c).test
+  assert train_lib.evaluate(program.steps, state, test, 16)["accuracy"] == pytest.approx(
+      summary["test/accuracy"])
+  rows = metric_writers.read_metrics(str(workdir))
+  train_rows = [r for r in rows if "train/loss" in r]
+  assert all(np.isfinite(r["train/loss"]) for r in train_rows)
+  assert all(f"share/fc1/{kept}" in r for r in train_rows if r["step"] < 5)
+  assert not any(k.startswith("share/") for r in train_rows if r["step"] >= 5 for k in r)
+
+
+def _copy_up_to(src, dst, step: int):
+  """A copy of workdir ``src`` as if its run had been killed after saving ``step``."""
+  shutil.copytree(src, dst)
+  for name in os.listdir(dst / "checkpoints"):
+    if name.isdigit() and int(name) > step:
+      shutil.rmtree(dst / "checkpoints" / name)
+  os.remove(dst / "summary.json")
+  return dst
+
+
+@pytest.mark.parametrize("resume_at", [6, 3])  # after the selection, before it
+def test_resuming_around_the_selection_equals_one_run(reference, tmp_path, resume_at):
+  c, workdir, _, final = reference
+  b = _copy_up_to(workdir, tmp_path / "b", resume_at)
+  if resume_at < 5:
+    os.remove(b / selection.CHOICE_FILE)
+  train(c, b)
+  chex.assert_trees_all_close(final.params, restored(c, b)[0].params, atol=1e-6)
+  assert selection.load_choice(str(b)) == selection.load_choice(str(workdir))
+
+
+def test_checkpoints_after_the_selection_need_their_record(reference, tmp_path):
+  c, workdir, _, _ = reference
+  b = _copy_up_to(workdir, tmp_path / "b", 6)
+  os.remove(b / selection.CHOICE_FILE)
+  before = sorted(os.listdir(b / "checkpoints"))
+  with pytest.raises(checkpoints.CheckpointError, match="selection.json"):
+    train(c, b)
+  assert sorted(os.listdir(b / "checkpoints")) == before
