@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from absl import logging
 import flax
 import flax.linen as nn
 import jax
@@ -424,6 +425,12 @@ def _selector(config, workdir: str, build: Callable[[Any], Program]) -> Selector
       selection.save_choice(workdir, choice)
       tqdm.write(f"step {choice.step}: block sizes chosen: " + ", ".join(
           f"{k} {m}x{n}" for k, (m, n) in sorted(choice.block_shapes.items())))
+      dead = [k for k, v in sparsity.block_density(state.params).items()
+              if k.split("/")[-2] in choice.block_shapes and float(v) == 0]
+      if dead:
+        logging.warning("Every block-size candidate of %s collapsed before the selection: "
+                        "the layer now passes only its bias. Lower sparsity.lam or start "
+                        "the penalty later.", ", ".join(dead))
     checkpoints.sync("bsparse_selection")
     return state, program
 

@@ -1,0 +1,588 @@
+r"""The side-by-side study: KPD and every baseline at the same block densities, seeds and
+budget on Fashion-MNIST, and fixed block sizes against the one-run selection.
+
+  python -m benchmarks.study --out=runs/study                      # everything
+  python -m benchmarks.study --out=runs/study --models=mlp --seeds=0,1,2
+
+Every run is ``python train.py ...`` in its own process: its command is printed and saved
+as ``<run>/command.txt``, and its peak RSS is read from the operating system when it ends.
+A run whose ``summary.json`` exists is not run again, so an interrupted study resumes.
+Then each run is restored and measured, and ``RESULTS.md`` (``--results``) is written with
+plots in ``--plots_dir``:
+
+- test accuracy and achieved block density (``summary.json``), mean +- std over seeds;
+- training FLOPs, analytic: ``6 x forward MACs per example x examples`` (backward ~ 2x
+  forward). Dense-start methods (dense, group_lasso, gradual) compute every weight;
+  set/rigl/static count their masked layers at the target density (what a block-sparse
+  kernel would compute); KPD counts its factored contractions at the block density
+  logged at each step (``bsparse.kron`` cost model), candidates included until the
+  selection drops them;
+- step time: the median over the logging windows of ``batch / examples_per_sec``;
+- memory: params + optimizer state, and XLA's own account of the compiled train step
+  (arguments + temporaries: activations and workspace), and the process's peak RSS;
+- inference latency (``--latency_batch``) of the serving forms of the seed-0 models.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import ast
+import importlib
+import re
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from absl import app, flags
+import flax.traverse_util as tu
+import jax
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bsparse import (checkpoints, data, export, kron, metric_writers, report,  # noqa: E402
+                     selection, sparsity, train_lib)
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+_OUT = flags.DEFINE_string("out", "runs/study", "Directory of the study's runs.")
+_MODELS = flags.DEFINE_list("models", ["mlp", "cnn"], "Models: mlp, cnn.")
+_DENSITIES = flags.DEFINE_list("densities", ["0.5", "0.25", "0.1"], "Block densities.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
+_EPOCHS = flags.DEFINE_float("epochs", 6.0, "Training epochs of every run.")
+_RANKS = flags.DEFINE_list("ranks", ["4", "16"], "KPD ranks (each a row of the table).")
+_METHODS = flags.DEFINE_list("methods", list(("group_lasso", "gradual", "set", "rigl",
+                                              "static")), "Baselines to run beside KPD.")
+_SWEEP = flags.DEFINE_bool("sweep", True, "Also run the block-size sweep and the selection.")
+_SWEEP_DENSITY = flags.DEFINE_float("sweep_density", 0.25, "Block density of the sweep.")
+_RESULTS = flags.DEFINE_string("results", "RESULTS.md", "Markdown report to write (all models in the study).")
+_PLOTS_DIR = flags.DEFINE_string("plots_dir", "docs/results", "Where the PNG plots go.")
+_LATENCY_BATCH = flags.DEFINE_integer("latency_batch", 256, "Batch for latency timing.")
+_OVERRIDES = flags.DEFINE_multi_string(
+    "override", [], "Extra config override for every run, e.g. dataset.source=tfds.")
+_IN_PROCESS = flags.DEFINE_bool(
+    "in_process", False, "Train in this process (no per-run RSS); for tests on mock data.")
+
+CONFIG_FILES = {"mlp": "mlp_fmnist", "cnn": "cnn_fmnist"}
+DENSE_START = ("dense", "group_lasso", "gradual")
+# The layer whose block size the sweep varies, and the sizes tried (the configs' own first).
+SWEEP_SIZES = {"mlp": ("fc1", ((28, 10), (14, 10), (28, 20))),
+               "cnn": ("fc1", ((16, 16), (8, 8), (32, 16)))}
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run: a row ``label`` of the tables at one density and seed."""
+  model: str
+  label: str  # dense | kpd r<rank> | a baseline | fixed <m>x<n> | select
+  method: str
+  density: float
+  seed: int
+  overrides: tuple[tuple[str, Any], ...]
+
+  @property
+  def name(self) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "_", self.label)
+    return f"{self.model}/{slug}_d{self.density:g}_s{self.seed}"
+
+  @property
+  def config_file(self) -> str:
+    dense = "_dense" if self.method != "kpd" else ""
+    return f"configs/{CONFIG_FILES[self.model]}{dense}.py"
+
+
+def schedule(epochs: float) -> dict[str, float]:
+  """Sparsity schedules as fractions of the run: the penalty ramps over the first third,
+  masks fix at one third (KPD freeze, group-lasso prune), gradual/SET/RigL stop changing
+  masks at one half, the block-size selection happens at one sixth."""
+  e = epochs / 6.0
+  return {"sparsity.start_epoch": 0.5 * e, "sparsity.ramp_epochs": 1.0 * e,
+          "sparsity.freeze_epoch": 2.0 * e, "baseline.prune_epoch": 2.0 * e,
+          "baseline.start_epoch": 0.5 * e, "baseline.end_epoch": 3.0 * e,
+          "selection.start_epoch": 0.25 * e, "selection.anneal_epochs": 0.5 * e,
+          "selection.select_epoch": 1.0 * e}
+
+
+def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
+         sweep_density: float) -> list[Run]:
+  runs = []
+  sch = schedule(epochs)
+  common = (("num_epochs", epochs), ("progress_bar", False))
+  for model in models:
+    for seed in seeds:
+      base = common + (("seed", seed),)
+      runs.append(Run(model, "dense", "dense", 1.0, seed, base + (("method", "dense"),)))
+      for d in densities:
+        for r in ranks:
+          runs.append(Run(model, f"kpd r{r}", "kpd", d, seed, base + (
+              ("layers.rank", r), ("sparsity.target_density", d),
+              *((k, v) for k, v in sch.items() if k.startswith("sparsity.")))))
+        for m in methods:
+          runs.append(Run(model, m, m, d, seed, base + (
+              ("method", m), ("baseline.target_density", d),
+              *((k, v) for k, v in sch.items() if k.startswith("baseline.")))))
+      if sweep:
+        runs += sweep_runs(model, seed, ranks[0], sweep_density, base, sch)
+  return runs
+
+
+def sweep_runs(model, seed, rank, density, base, sch) -> list[Run]:
+  """A fixed run per candidate size of ``SWEEP_SIZES[model]`` and one selection run."""
+  layer, sizes = SWEEP_SIZES[model]
+  kpd = base + (("layers.rank", rank), ("sparsity.target_density", density),
+                *((k, v) for k, v in sch.items() if k.startswith("sparsity.")))
+  runs = [Run(model, f"fixed {m}x{n}", "kpd", density, seed,
+              kpd + ((f"layers.block_shapes.{layer}", (m, n)),)) for m, n in sizes]
+  runs.append(Run(model, "select", "kpd", density, seed, kpd + (
+      (f"layers.block_shapes.{layer}", sizes),
+      *((k, v) for k, v in sch.items() if k.startswith("selection.")))))
+  return runs
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _flag_value(v) -> str:
+  if isinstance(v, tuple):
+    return repr(v).replace(" ", "")
+  return str(v)
+
+
+def invocation() -> str:
+  """This study's command line: the flags that differ from their defaults."""
+  args = []
+  for holder in (_OUT, _MODELS, _DENSITIES, _SEEDS, _EPOCHS, _RANKS, _METHODS, _SWEEP,
+                 _SWEEP_DENSITY, _RESULTS, _PLOTS_DIR, _LATENCY_BATCH, _OVERRIDES,
+                 _IN_PROCESS):
+    flag = flags.FLAGS[holder.name]
+    if flag.value == flag.default:
+      continue
+    if holder is _OVERRIDES:
+      args += [f"--override={v}" for v in flag.value]
+    elif isinstance(flag.value, list):
+      args.append(f"--{holder.name}={','.join(flag.value)}")
+    elif isinstance(flag.value, bool):
+      args.append(f"--{'' if flag.value else 'no'}{holder.name}")
+    else:
+      args.append(f"--{holder.name}={flag.value}")
+  return " ".join(["python -m benchmarks.study", *args])
+
+
+def extra_overrides() -> tuple[tuple[str, Any], ...]:
+  """``--override key=value`` pairs, values parsed as Python literals where they are."""
+  out = []
+  for o in _OVERRIDES.value:
+    key, _, raw = o.partition("=")
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    out.append((key, value))
+  return tuple(out)
+
+
+def command(run: Run, workdir: str) -> list[str]:
+  return [sys.executable, "train.py", f"--config={run.config_file}", f"--workdir={workdir}",
+          *(f"--config.{k}={_flag_value(v)}" for k, v in run.overrides + extra_overrides())]
+
+
+def config_of(run: Run):
+  """The run's config, built in this process as train.py's flags build it."""
+  c = importlib.import_module(run.config_file[:-3].replace("/", ".")).get_config()
+  for key, value in run.overrides + extra_overrides():
+    *path, last = key.split(".")
+    node = c
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def execute(run: Run, out: str) -> None:
+  """Trains ``run`` unless it has finished; records its command, wall time and peak RSS."""
+  workdir = os.path.join(out, run.name)
+  if os.path.exists(os.path.join(workdir, "summary.json")):
+    return
+  cmd = command(run, workdir)
+  print(" ".join(cmd[1:]), flush=True)
+  t0 = time.perf_counter()
+  if _IN_PROCESS.value:
+    train_lib.train_and_evaluate(config_of(run), workdir)
+    rss = None
+  else:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+      raise SystemExit(f"{run.name} failed (exit {proc.returncode}): {' '.join(cmd[1:])}")
+    rss = usage.ru_maxrss / 1024  # KiB on Linux
+  with open(os.path.join(workdir, "run.json"), "w", encoding="utf-8") as f:
+    json.dump({"command": " ".join(cmd[1:]), "wall_s": time.perf_counter() - t0,
+               "peak_rss_mb": rss}, f)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _term_costs(program, variables, image_shape) -> tuple[dict[str, Any], int]:
+  """``({'layer/term': density -> MACs per example}, MACs of the dense weight layers)``."""
+  shapes = report.io_shapes(program.model, variables, (1, *image_shape))
+  flat = tu.flatten_dict(variables["params"])
+  costs, dense = {}, 0
+  for path, leaf in flat.items():
+    layer = path[:-2] if path[-1] == "S" else path[:-1]
+    in_shape, out_shape = shapes.get(layer, ((1, 1), (1, 1)))
+    in_pos = int(math.prod(in_shape[1:-1]))
+    out_pos = int(math.prod(out_shape[1:-1]))
+    if path[-1] == "kernel":
+      dense += out_pos * int(np.prod(leaf.shape))
+    elif path[-1] == "S":
+      r, m2, n2 = flat[path[:-1] + ("B",)].shape
+      m1, n1 = leaf.shape
+      taps = int(math.prod(flat[path[:-1] + ("A",)].shape[1:-2]))
+
+      def cost(d, m1=m1, m2=m2, n1=n1, n2=n2, r=r, taps=taps, i=in_pos, o=out_pos):
+        if taps == 1 and i == o:
+          return o * min(kron.contraction_costs(m1, m2, n1, n2, r,
+                                                round(d * m1 * n1)).values())
+        return min(kron.conv_costs(m1, m2, n1, n2, r, taps, i, o).values())
+      costs["/".join(path[:-1])] = cost
+  return costs, dense
+
+
+def training_flops(run: Run, config, program, variables, image_shape, rows) -> float:
+  """Analytic training FLOPs of the run (see the module docstring)."""
+  costs, dense_macs = _term_costs(program, variables, image_shape)
+  per_step = []  # (step, MACs per example)
+  if run.method == "kpd":
+    for r in rows:
+      if "train/loss" in r:
+        per_step.append((r["step"], dense_macs + sum(
+            c(r[f"density/{k}"]) for k, c in costs.items() if f"density/{k}" in r)))
+  else:
+    masked = dense_masked_macs(config, program, variables, image_shape)
+    sparse_start = run.method in ("set", "rigl", "static")
+    macs = dense_macs - (1 - run.density) * masked if sparse_start else dense_macs
+    per_step = [(r["step"], macs) for r in rows if "train/loss" in r]
+  total, prev = 0.0, 0
+  for step, macs in per_step:
+    total += (step - prev) * macs
+    prev = step
+  return 6.0 * total * config.batch_size
+
+
+def dense_masked_macs(config, program, variables, image_shape) -> float:
+  """MACs per example of the layers a baseline masks."""
+  from bsparse import baselines
+  names = baselines.masked_kernels(variables["params"],
+                                   baselines.layout_from_config(config.layers))
+  rows = report.layer_table(program.model, variables, (1, *image_shape))
+  return float(sum(r["dense_macs"] for r in rows if r["layer"] in names))
+
+
+def step_memory(program, state, config, image_shape) -> dict[str, float]:
+  """State bytes and XLA's memory account of the compiled train step, in MB."""
+  batch = {"image": np.zeros((config.batch_size, *image_shape), np.float32),
+           "label": np.zeros((config.batch_size,), np.int32)}
+  compiled = program.steps.train.lower(state, program.steps.put_batch(batch)).compile()
+  mem = compiled.memory_analysis()
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
+  return {"state_mb": state_bytes / 2**20,
+          "step_mb": (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**20,
+          "temp_mb": mem.temp_size_in_bytes / 2**20}
+
+
+def median_step_ms(rows, batch_size: int) -> float:
+  rates = [r["examples_per_sec"] for r in rows if "examples_per_sec" in r][1:]
+  return 1000 * batch_size / statistics.median(rates) if rates else float("nan")
+
+
+def measure(run: Run, out: str, datasets, latency: bool) -> dict[str, Any]:
+  workdir = os.path.join(out, run.name)
+  config = checkpoints.load_config(workdir)
+  with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
+    summary = json.load(f)
+  with open(os.path.join(workdir, "run.json"), encoding="utf-8") as f:
+    info = json.load(f)
+  rows = metric_writers.read_metrics(workdir)
+  spe, total = train_lib.num_steps(config, len(datasets.train["label"]))
+  manager = checkpoints.checkpoint_manager(workdir, config, read_only=True)
+  try:
+    state, program, build = train_lib.restore_program(
+        config, workdir, manager, datasets.num_classes, datasets.image_shape, spe, total,
+        set_aside=False)
+  finally:
+    manager.close()
+  # The initial model (every candidate) prices the steps before a selection; costs need
+  # shapes only, so its variables stay abstract.
+  initial = build(config) if selection.load_choice(workdir) else program
+  x = jax.ShapeDtypeStruct((1, *datasets.image_shape), np.float32)
+  init_vars = jax.eval_shape(lambda x: initial.model.init(jax.random.key(0), x, train=False), x)
+  density = summary.get("density/weights", 1.0)
+  result = {"run": run.name, "model": run.model, "label": run.label, "method": run.method,
+            "target": run.density, "seed": run.seed, "accuracy": summary["test/accuracy"],
+            "density": density, "command": info["command"], "wall_s": info["wall_s"],
+            "rss_mb": info["peak_rss_mb"],
+            "flops": training_flops(run, config, initial, init_vars, datasets.image_shape,
+                                    rows),
+            "step_ms": median_step_ms(rows, config.batch_size),
+            **step_memory(program, state, config, datasets.image_shape)}
+  choice = selection.load_choice(workdir)
+  if choice is not None:
+    result["chosen"] = {k: list(v) for k, v in choice.block_shapes.items()}
+  if latency:
+    result["latency_ms"] = latency_of(program, state, datasets)
+  return result
+
+
+def latency_of(program, state, datasets) -> dict[str, float]:
+  x = next(data.eval_batches(datasets.test, batch_size=_LATENCY_BATCH.value))["image"]
+  variables = {"params": jax.device_get(state.params)}
+  if state.batch_stats:
+    variables["batch_stats"] = jax.device_get(state.batch_stats)
+  if not sparsity.term_paths(variables["params"]):
+    return {"dense": export.latency_ms(program.model, variables, x)}
+  return {k: export.latency_ms(m, v, x)
+          for k, (m, v) in export.serving_forms(program.model, variables).items()}
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def merge(path: str, fresh: list[dict], invocations: dict[str, str]) -> dict:
+  """Adds this invocation's results to the study file ``path`` (runs keyed by name), so
+  models studied by separate invocations (other budgets) share one RESULTS.md."""
+  study = {"runs": {}, "invocations": {}}
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      study = json.load(f)
+  study["runs"].update({r["run"]: r for r in fresh})
+  study["invocations"].update(invocations)
+  checkpoints.write_text_atomic(path, json.dumps(study, indent=1))
+  return study
+
+
+def _groups(results, key):
+  out: dict[Any, list] = {}
+  for r in results:
+    out.setdefault(key(r), []).append(r)
+  return out
+
+
+def _ms(values, fmt="{:.2f}") -> str:
+  values = [v for v in values if v is not None]
+  if not values:
+    return "-"
+  if len(values) == 1:
+    return fmt.format(values[0])
+  return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def _mean(rs, k):
+  return statistics.mean(r[k] for r in rs)
+
+
+def main_table(results, model) -> str:
+  rs = [r for r in results if r["model"] == model and not r["label"].startswith(("fixed",
+                                                                                  "select"))]
+  dense = [r for r in rs if r["method"] == "dense"]
+  dense_flops = _mean(dense, "flops") if dense else float("nan")
+  lines = ["| method | target density | seeds | test accuracy % | achieved density | "
+           "training TFLOPs | × dense FLOPs | step ms | state MB | step memory MB | "
+           "peak RSS MB |", "|" + "---|" * 11]
+  order = lambda k: (-k[1], ["dense", "kpd"].index(k[0].split()[0])
+                     if k[0].split()[0] in ("dense", "kpd") else 2, k[0])
+  for (label, target), g in sorted(_groups(rs, lambda r: (r["label"], r["target"])).items(),
+                                   key=lambda kv: order(kv[0])):
+    lines.append("| " + " | ".join([
+        label, f"{target:g}", str(len(g)), _ms([100 * r["accuracy"] for r in g]),
+        _ms([r["density"] for r in g], "{:.3f}"), _ms([r["flops"] / 1e12 for r in g], "{:.3f}"),
+        f"{_mean(g, 'flops') / dense_flops:.2f}", _ms([r["step_ms"] for r in g]),
+        f"{_mean(g, 'state_mb'):.2f}", f"{_mean(g, 'step_mb'):.1f}",
+        _ms([r["rss_mb"] for r in g], "{:.0f}")]) + " |")
+  return "\n".join(lines)
+
+
+def latency_table(results, model) -> str:
+  rs = [r for r in results if r["model"] == model and "latency_ms" in r]
+  if not rs:
+    return ""
+  lines = ["| run | test accuracy % | density | " + " | ".join(
+      f"{k} ms" for k in ("dense", "kpd", "bsr")) + " |", "|" + "---|" * 6]
+  for r in sorted(rs, key=lambda r: (-r["target"], r["label"])):
+    lat = r["latency_ms"]
+    lines.append(f"| {r['label']} d={r['target']:g} | {100 * r['accuracy']:.2f} | "
+                 f"{r['density']:.3f} | " + " | ".join(
+                     f"{lat[k]:.2f}" if k in lat else "-" for k in ("dense", "kpd", "bsr"))
+                 + " |")
+  return "\n".join(lines)
+
+
+def sweep_summary(results, model) -> tuple[str, list[str]]:
+  """The sweep table and the verdict lines of the selection."""
+  rs = [r for r in results if r["model"] == model and r["label"].startswith(("fixed",
+                                                                              "select"))]
+  if not rs:
+    return "", []
+  groups = _groups(rs, lambda r: r["label"])
+  lines = ["| run | seeds | test accuracy % | training TFLOPs | wall s | chosen |",
+           "|---|---|---|---|---|---|"]
+  for label, g in sorted(groups.items()):
+    chosen = sorted({"x".join(map(str, v)) for r in g for v in r.get("chosen", {}).values()})
+    lines.append(f"| {label} | {len(g)} | {_ms([100 * r['accuracy'] for r in g])} | "
+                 f"{_ms([r['flops'] / 1e12 for r in g], '{:.3f}')} | "
+                 f"{_ms([r['wall_s'] for r in g], '{:.0f}')} | {', '.join(chosen) or '-'} |")
+  verdict = []
+  fixed = {k: g for k, g in groups.items() if k.startswith("fixed")}
+  if "select" in groups and fixed:
+    best = max(fixed, key=lambda k: _mean(fixed[k], "accuracy"))
+    for r in groups["select"]:
+      size = "x".join(map(str, next(iter(r.get("chosen", {}).values()), [])))
+      mine = fixed.get(f"fixed {size}")
+      if mine is None:
+        verdict.append(f"seed {r['seed']}: chose {size or 'nothing'}, not in the sweep.")
+        continue
+      gap = 100 * (_mean(fixed[best], "accuracy") - _mean(mine, "accuracy"))
+      cost = r["flops"] / _mean(mine, "flops")
+      wall = r["wall_s"] / _mean(mine, "wall_s")
+      verdict.append(
+          f"seed {r['seed']}: chose {size}; its fixed run is {gap:.2f} points below the best "
+          f"fixed size ({best.removeprefix('fixed ')}) — target ≤ 0.5: "
+          f"{'met' if gap <= 0.5 else 'missed'}; the selection run cost {cost:.2f}x the "
+          f"FLOPs and {wall:.2f}x the wall time of that fixed run — target ≤ 1.5x: "
+          f"{'met' if cost <= 1.5 else 'missed'}.")
+  return "\n".join(lines), verdict
+
+
+def verdicts(results, model, rank_label: str) -> list[str]:
+  """The done-when checks of the study at the lowest density."""
+  rs = [r for r in results if r["model"] == model]
+  low = min((r["target"] for r in rs if r["method"] != "dense"), default=None)
+  if low is None:
+    return []
+  get = lambda label: [r for r in rs if r["label"] == label and
+                       (r["target"] == low or label == "dense")]
+  kpd, dense = get(rank_label), get("dense")
+  if not kpd or not dense:
+    return []
+  acc = lambda g: 100 * _mean(g, "accuracy")
+  out = [f"{rank_label} at density {low:g}: {acc(kpd):.2f}% vs dense {acc(dense):.2f}% "
+         f"(gap {acc(dense) - acc(kpd):.2f} points; target ≤ 1.0: "
+         f"{'met' if acc(dense) - acc(kpd) <= 1.0 else 'missed'})."]
+  for other in ("gradual", "group_lasso"):
+    g = get(other)
+    if g:
+      out.append(f"vs {other} at {low:g}: {acc(kpd):.2f}% vs {acc(g):.2f}% "
+                 f"({'met' if acc(kpd) >= acc(g) else 'missed'}: at least as accurate); "
+                 f"FLOPs {_mean(kpd, 'flops') / _mean(g, 'flops'):.2f}x (target ≤ 0.3: "
+                 f"{'met' if _mean(kpd, 'flops') <= 0.3 * _mean(g, 'flops') else 'missed'}); "
+                 f"step time {_mean(kpd, 'step_ms'):.2f} vs {_mean(g, 'step_ms'):.2f} ms; "
+                 f"step memory {_mean(kpd, 'step_mb'):.1f} vs {_mean(g, 'step_mb'):.1f} MB.")
+  return out
+
+
+def plot_accuracy(results, model, path) -> str:
+  rs = [r for r in results if r["model"] == model and not r["label"].startswith(("fixed",
+                                                                                  "select"))]
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+  for label, g in sorted(_groups(rs, lambda r: r["label"]).items()):
+    pts = sorted(_groups(g, lambda r: r["target"]).items())
+    xs = [t for t, _ in pts]
+    ys = [100 * _mean(v, "accuracy") for _, v in pts]
+    es = [100 * statistics.stdev([r["accuracy"] for r in v]) if len(v) > 1 else 0
+          for _, v in pts]
+    fl = [_mean(v, "flops") / 1e12 for _, v in pts]
+    style = "-o" if label.startswith("kpd") else ("k*" if label == "dense" else "--s")
+    ax1.errorbar(xs, ys, yerr=es, fmt=style, label=label, capsize=3, markersize=5)
+    ax2.plot(fl, ys, style, label=label, markersize=5)
+  ax1.set(xscale="log", xlabel="block density", ylabel="test accuracy %",
+          title=f"{model}: accuracy vs density")
+  ax2.set(xscale="log", xlabel="training TFLOPs (analytic)", ylabel="test accuracy %",
+          title=f"{model}: accuracy vs training cost")
+  ax1.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def write_results(study: dict, path: str, plots_dir: str, ranks) -> None:
+  results = list(study["runs"].values())
+  os.makedirs(plots_dir, exist_ok=True)
+  rel = os.path.relpath(plots_dir, os.path.dirname(os.path.abspath(path)) or ".")
+  models = sorted({r["model"] for r in results})
+  parts = ["# Results: block-sparse training on Fashion-MNIST, side by side\n",
+           "Written by `python -m benchmarks.study`; every run's `train.py` command, wall "
+           "time and measurements are in `study.json` in the study's `--out` directory. "
+           f"Machine: {jax.default_backend()} ({os.cpu_count()} cores), JAX "
+           f"{jax.__version__}. Accuracy is on the 10,000-image test split, mean ± std "
+           "over seeds; every method of a model has the same data, epochs and batch. "
+           "`benchmarks/study.py` says how each column is measured.\n"]
+  for model in models:
+    rs = [r for r in results if r["model"] == model]
+    parts.append(f"## {model}\n")
+    parts.append(f"Budget: {rs[0]['epochs']:g} epochs, seeds "
+                 f"{', '.join(map(str, sorted({r['seed'] for r in rs})))}. Reproduce with "
+                 f"`{study['invocations'].get(model, '?')}`.\n")
+    parts.append(main_table(results, model) + "\n")
+    parts.append(f"![{model}]({rel}/{model}_accuracy.png)\n")
+    plot_accuracy(results, model, os.path.join(plots_dir, f"{model}_accuracy.png"))
+    checks = verdicts(results, model, f"kpd r{ranks[0]}")
+    if len(ranks) > 1:
+      checks += verdicts(results, model, f"kpd r{ranks[-1]}")
+    if checks:
+      parts.append("Targets (lowest density):\n\n" + "\n".join(f"- {c}" for c in checks)
+                   + "\n")
+    lat = latency_table(results, model)
+    if lat:
+      parts.append(f"Inference latency, batch {_LATENCY_BATCH.value}, seed 0 "
+                   "(dense = W built, kpd = factored, bsr = nonzero blocks only):\n\n"
+                   + lat + "\n")
+    table, sel = sweep_summary(results, model)
+    if table:
+      parts.append("### Block size: fixed sizes vs the one-run selection\n\n" + table + "\n")
+      parts.append("\n".join(f"- {v}" for v in sel) + "\n")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(parts))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv):
+  del argv
+  out = os.path.abspath(_OUT.value)
+  ranks = [int(r) for r in _RANKS.value]
+  runs = plan(_MODELS.value, [float(d) for d in _DENSITIES.value],
+              [int(s) for s in _SEEDS.value], ranks, _METHODS.value, _EPOCHS.value,
+              _SWEEP.value,
+              _SWEEP_DENSITY.value)
+  unique = list({r.name: r for r in runs}.values())
+  print(f"{len(unique)} runs in {out}")
+  for i, run in enumerate(unique):
+    print(f"[{i + 1}/{len(unique)}] {run.name}", flush=True)
+    execute(run, out)
+  datasets = data.get_datasets(config_of(unique[0]))
+  fresh = []
+  for run in unique:
+    latency = run.seed == min(r.seed for r in unique) and run.label.split()[0] in (
+        "dense", "kpd")
+    fresh.append({**measure(run, out, datasets, latency), "epochs": _EPOCHS.value})
+  study = merge(os.path.join(out, "study.json"), fresh,
+                {m: invocation() for m in _MODELS.value})
+  write_results(study, _RESULTS.value, _PLOTS_DIR.value, ranks)
+  print(f"wrote {_RESULTS.value} and {_PLOTS_DIR.value}/")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,50 @@
+"""benchmarks/study.py end to end on mock data: runs, measures and writes RESULTS.md."""
+import json
+import os
+
+from absl import flags
+import pytest
+import tensorflow_datasets as tfds
+
+from benchmarks import study
+
+
+@pytest.fixture
+def study_flags():
+  yield flags.FLAGS
+  flags.FLAGS.unparse_flags()
+
+
+def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path, study_flags):
+  out, results = tmp_path / "runs", tmp_path / "RESULTS.md"
+  study_flags([
+      "study", f"--out={out}", "--models=mlp", "--densities=0.5", "--seeds=0", "--ranks=2",
+      "--methods=gradual", "--epochs=2", f"--results={results}",
+      f"--plots_dir={tmp_path / 'plots'}", "--latency_batch=8", "--in_process",
+      "--override=dataset.source='tfds'", "--override=dataset.val_size=16",
+      "--override=batch_size=8", "--override=eval_batch_size=16",
+      "--override=model_kwargs.hidden=(40,20)", "--override=plots=False",
+      "--override=log_every_steps=2"])
+  with tfds.testing.mock_data(num_examples=48):
+    study.main([])
+  rows = list(json.loads((out / "study.json").read_text())["runs"].values())
+  labels = {r["label"] for r in rows}
+  assert labels == {"dense", "kpd r2", "gradual", "fixed 28x10", "fixed 14x10",
+                    "fixed 28x20", "select"}
+  by = {r["label"]: r for r in rows}
+  assert by["gradual"]["density"] == pytest.approx(0.5, abs=0.02)
+  assert by["kpd r2"]["flops"] < by["gradual"]["flops"] == pytest.approx(by["dense"]["flops"])
+  assert by["select"]["chosen"]["fc1"] in ([28, 10], [14, 10], [28, 20])
+  assert all(r["step_mb"] > r["state_mb"] > 0 for r in rows)
+  assert set(by["kpd r2"]["latency_ms"]) == {"dense", "kpd", "bsr"}
+  text = results.read_text()
+  assert "| gradual | 0.5 |" in text and "one-run selection" in text
+  assert os.path.exists(tmp_path / "plots" / "mlp_accuracy.png")
+  assert "Reproduce with `python -m benchmarks.study" in text
+  # A finished run is not trained again (an interrupted study resumes).
+  summary = out / "mlp" / "dense_d1_s0" / "summary.json"
+  mtime = os.path.getmtime(summary)
+  dense = next(r for r in study.plan(["mlp"], [0.5], [0], [2], [], 2.0, False, 0.5)
+               if r.label == "dense")
+  study.execute(dense, str(out))
+  assert os.path.getmtime(summary) == mtime
