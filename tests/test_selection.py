@@ -131,3 +131,11 @@ def test_checkpoints_after_the_selection_need_their_record(reference, tmp_path):
   with pytest.raises(checkpoints.CheckpointError, match="selection.json"):
     train(c, b)
   assert sorted(os.listdir(b / "checkpoints")) == before
+
+
+def test_a_layer_whose_candidates_all_collapsed_is_reported(tmp_path, caplog):
+  c = selecting(steps=6)
+  c.sparsity.lam = 10.0  # every selector is zero after the first steps
+  summary = train(c, tmp_path)
+  assert "collapsed before the selection" in caplog.text and "fc1/kron_" in caplog.text
+  assert summary["density/weights"] == 0.0
