@@ -352,6 +352,21 @@ def _log_scalars(config, state: TrainState, window: list[dict], seconds: float, 
 Selector = Callable[[TrainState], tuple[TrainState, Program]]
 
 
+def _warn_empty_layers(scalars: dict[str, float], warned: set[str]) -> None:
+  """Warns once per KPD layer none of whose blocks is left (``density/<layer>/kron_*``
+  all 0): the layer passes only its bias, usually because ``sparsity.lam`` is too large."""
+  layers: dict[str, list[float]] = {}
+  for key, value in scalars.items():
+    if key.startswith("density/") and "/kron_" in key:
+      layers.setdefault(key[len("density/"):key.rindex("/kron_")], []).append(value)
+  for layer, densities in layers.items():
+    if layer not in warned and not any(densities):
+      warned.add(layer)
+      logging.warning("Layer %s has no block left: it passes only its bias and the model "
+                      "cannot learn through it. Lower sparsity.lam or start the penalty "
+                      "later (--config.sparsity.start_epoch).", layer)
+
+
 def _train(config, program: Program, state: TrainState, datasets: data_lib.Datasets,
            manager, writer: metric_writers.MetricWriter, spe: int, total: int,
            select_at: int | None = None, select: Selector | None = None
@@ -373,6 +388,7 @@ def _train(config, program: Program, state: TrainState, datasets: data_lib.Datas
   eval_every = max(1, int(config.eval_every_epochs * spe))
   window, t0 = [], time.perf_counter()
   show = jax.process_index() == 0 and config.progress_bar
+  show_warnings, emptied = jax.process_index() == 0, set()
   with tqdm(total=total, initial=start, disable=not show, unit="step", dynamic_ncols=True,
             mininterval=1.0) as bar, StopRequest() as stop:
     for done in range(start + 1, total + 1):
@@ -398,6 +414,8 @@ def _train(config, program: Program, state: TrainState, datasets: data_lib.Datas
                         dens=f"{scalars.get('density/weights', 1.0):.2f}",
                         ex_s=f"{scalars['examples_per_sec']:.0f}")
         window, t0 = [], time.perf_counter()
+        if show_warnings:
+          _warn_empty_layers(scalars, emptied)
       if validate_now:
         val = evaluate(steps, state, datasets.val, config.eval_batch_size)
         writer.write(done, {"val/accuracy": val["accuracy"], "val/loss": val["loss"]})

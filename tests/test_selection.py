@@ -138,4 +138,5 @@ def test_a_layer_whose_candidates_all_collapsed_is_reported(tmp_path, caplog):
   c.sparsity.lam = 10.0  # every selector is zero after the first steps
   summary = train(c, tmp_path)
   assert "collapsed before the selection" in caplog.text and "fc1/kron_" in caplog.text
+  assert caplog.text.count("has no block left") == 2  # fc1 and fc2, once each
   assert summary["density/weights"] == 0.0
