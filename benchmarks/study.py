@@ -5,7 +5,8 @@ budget on Fashion-MNIST, and fixed block sizes against the one-run selection.
   python -m benchmarks.study --out=runs/study --models=mlp --seeds=0,1,2
 
 Every run is ``python train.py ...`` in its own process: its command is printed and saved
-as ``<run>/command.txt``, and its peak RSS is read from the operating system when it ends.
+in ``<run>/run.json`` with its wall time and its peak RSS, read from the operating system
+when it ends.
 A run whose ``summary.json`` exists is not run again, so an interrupted study resumes.
 Then each run is restored and measured, and ``RESULTS.md`` (``--results``) is written with
 plots in ``--plots_dir``:
