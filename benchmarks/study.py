@@ -15,9 +15,10 @@ plots in ``--plots_dir``:
 - training FLOPs, analytic: ``6 x forward MACs per example x examples`` (backward ~ 2x
   forward). Dense-start methods (dense, group_lasso, gradual) compute every weight;
   set/rigl/static count their masked layers at the target density (what a block-sparse
-  kernel would compute); KPD counts its factored contractions at the block density
-  logged at each step (``bsparse.kron`` cost model), candidates included until the
-  selection drops them;
+  kernel would compute); KPD counts its factored contractions (``bsparse.kron`` cost
+  model, cheaper order per layer) at the block density logged at each step for dense
+  layers and over the full block grid for convs, candidates included until the selection
+  drops them;
 - step time: the median over the logging windows of ``batch / examples_per_sec``;
 - memory: params + optimizer state, and XLA's own account of the compiled train step
   (arguments + temporaries: activations and workspace), and the process's peak RSS;
@@ -46,8 +47,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bsparse import (checkpoints, cli, data, export, kron, metric_writers, report,  # noqa: E402
-                     selection, sparsity, train_lib)
+from bsparse import (baselines, checkpoints, cli, data, export, kron,  # noqa: E402
+                     metric_writers, report, selection, sparsity, train_lib)
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
@@ -286,7 +287,6 @@ def training_flops(run: Run, config, program, variables, image_shape, rows) -> f
 
 def dense_masked_macs(config, program, variables, image_shape) -> float:
   """MACs per example of the layers a baseline masks."""
-  from bsparse import baselines
   names = baselines.masked_kernels(variables["params"],
                                    baselines.layout_from_config(config.layers))
   rows = report.layer_table(program.model, variables, (1, *image_shape))
