@@ -47,7 +47,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bsparse import (baselines, checkpoints, cli, data, export, kron,  # noqa: E402
+from bsparse import (baselines, checkpoints, cli, data, export,  # noqa: E402
                      metric_writers, report, selection, sparsity, train_lib)
 import matplotlib  # noqa: E402
 
@@ -238,6 +238,12 @@ def execute(run: Run, out: str) -> None:
 # --------------------------------------------------------------------------- measuring
 
 
+def _at_density(m1, m2, n1, n2, rank, taps, in_pos, out_pos):
+  """``density -> forward MACs per example`` of one KPD term (``report.kpd_macs``)."""
+  return lambda d: report.kpd_macs(m1, m2, n1, n2, rank, taps, round(d * m1 * n1), in_pos,
+                                   out_pos)
+
+
 def _term_costs(program, variables, image_shape) -> tuple[dict[str, Any], int]:
   """``({'layer/term': density -> MACs per example}, MACs of the dense weight layers)``."""
   shapes = report.io_shapes(program.model, variables, (1, *image_shape))
@@ -246,21 +252,14 @@ def _term_costs(program, variables, image_shape) -> tuple[dict[str, Any], int]:
   for path, leaf in flat.items():
     layer = path[:-2] if path[-1] == "S" else path[:-1]
     in_shape, out_shape = shapes.get(layer, ((1, 1), (1, 1)))
-    in_pos = int(math.prod(in_shape[1:-1]))
-    out_pos = int(math.prod(out_shape[1:-1]))
+    in_pos, out_pos = report.positions(in_shape), report.positions(out_shape)
     if path[-1] == "kernel":
       dense += out_pos * int(np.prod(leaf.shape))
     elif path[-1] == "S":
       r, m2, n2 = flat[path[:-1] + ("B",)].shape
       m1, n1 = leaf.shape
       taps = int(math.prod(flat[path[:-1] + ("A",)].shape[1:-2]))
-
-      def cost(d, m1=m1, m2=m2, n1=n1, n2=n2, r=r, taps=taps, i=in_pos, o=out_pos):
-        if taps == 1 and i == o:
-          return o * min(kron.contraction_costs(m1, m2, n1, n2, r,
-                                                round(d * m1 * n1)).values())
-        return min(kron.conv_costs(m1, m2, n1, n2, r, taps, i, o).values())
-      costs["/".join(path[:-1])] = cost
+      costs["/".join(path[:-1])] = _at_density(m1, m2, n1, n2, r, taps, in_pos, out_pos)
   return costs, dense
 
 
@@ -328,7 +327,8 @@ def measure(run: Run, out: str, datasets, latency: bool) -> dict[str, Any]:
     manager.close()
   # The initial model (every candidate) prices the steps before a selection; costs need
   # shapes only, so its variables stay abstract.
-  initial = build(config) if selection.load_choice(workdir) else program
+  choice = selection.load_choice(workdir)
+  initial = build(config) if choice else program
   x = jax.ShapeDtypeStruct((1, *datasets.image_shape), np.float32)
   init_vars = jax.eval_shape(lambda x: initial.model.init(jax.random.key(0), x, train=False), x)
   density = summary.get("density/weights", 1.0)
@@ -340,7 +340,6 @@ def measure(run: Run, out: str, datasets, latency: bool) -> dict[str, Any]:
                                     rows),
             "step_ms": median_step_ms(rows, config.batch_size),
             **step_memory(program, state, config, datasets.image_shape)}
-  choice = selection.load_choice(workdir)
   if choice is not None:
     result["chosen"] = {k: list(v) for k, v in choice.block_shapes.items()}
   if latency:

@@ -36,9 +36,18 @@ def io_shapes(model: nn.Module, variables, input_shape) -> dict[tuple[str, ...],
   return seen
 
 
-def _positions(shape) -> int:
+def positions(shape) -> int:
   """Spatial positions or tokens per example of an activation ``(N, ..., C)``."""
   return int(math.prod(shape[1:-1]))
+
+
+def kpd_macs(m1: int, m2: int, n1: int, n2: int, rank: int, taps: int, nnz: int,
+             in_pos: int, out_pos: int) -> int:
+  """Forward MACs per example of one KPD term, in its cheaper contraction order: the
+  matmul cost with ``nnz`` nonzero blocks, or the conv cost (full block grid)."""
+  if taps == 1 and in_pos == out_pos:
+    return out_pos * min(kron.contraction_costs(m1, m2, n1, n2, rank, nnz).values())
+  return min(kron.conv_costs(m1, m2, n1, n2, rank, taps, in_pos, out_pos).values())
 
 
 def _kpd_row(terms: dict, in_pos: int, out_pos: int) -> dict:
@@ -54,10 +63,7 @@ def _kpd_row(terms: dict, in_pos: int, out_pos: int) -> dict:
     nnz += k
     grid += s.size
     params += kron.kpd_params(m1, m2, n1, n2, r, taps)
-    if taps == 1 and in_pos == out_pos:
-      macs += out_pos * min(kron.contraction_costs(m1, m2, n1, n2, r, k).values())
-    else:
-      macs += min(kron.conv_costs(m1, m2, n1, n2, r, taps, in_pos, out_pos).values())
+    macs += kpd_macs(m1, m2, n1, n2, r, taps, k, in_pos, out_pos)
     bsr_params += k * taps * m2 * n2 + 2 * k
     bsr_macs += out_pos * k * taps * m2 * n2
   return dict(block="+".join(shapes), rank="+".join(map(str, ranks)),
@@ -78,7 +84,7 @@ def layer_table(model: nn.Module, variables, input_shape) -> list[dict]:
   rows = []
   for path, node in layers.items():
     (in_shape, out_shape) = shapes.get(path, ((1, 1), (1, 1)))
-    in_pos, out_pos = _positions(in_shape), _positions(out_shape)
+    in_pos, out_pos = positions(in_shape), positions(out_shape)
     m, n = in_shape[-1], out_shape[-1]
     taps = int(np.prod(node["kernel"].shape[:-2])) if "kernel" in node else None
     if taps is None:

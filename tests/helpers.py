@@ -1,4 +1,6 @@
 """Shared test helpers."""
+import importlib
+
 from bsparse import checkpoints, sparsity, train_lib
 
 
@@ -14,3 +16,30 @@ def restore(c, workdir, steps_per_epoch: int = 4):
     return checkpoints.restore_latest(manager, state, set_aside=False)
   finally:
     manager.close()
+
+
+def tiny(name: str, steps: int = 3, **changes):
+  """A config file's config shrunk to ``steps`` steps of batch 8 on mock data (4 steps
+  per epoch with 48 mock examples), then ``changes`` (flattened keys) applied."""
+  c = importlib.import_module(f"configs.{name}").get_config()
+  c.dataset.source = "tfds"
+  c.dataset.val_size = 16
+  c.batch_size = 8
+  c.eval_batch_size = 16
+  c.num_train_steps = steps
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 2
+  c.progress_bar = False
+  c.plots = False
+  c.optimizer.warmup_epochs = 0.0
+  c.sparsity.start_epoch = 0.0
+  c.sparsity.ramp_epochs = 0.0
+  c.sparsity.freeze_epoch = -1.0
+  if c.model == "mlp":
+    c.model_kwargs.hidden = (40, 20)  # 28x10 and 10x10 blocks still divide
+  if c.model.startswith("resnet"):
+    c.model_kwargs.stage_sizes = (1, 1, 1)  # one block per stage: same layer kinds, less compile
+  if c.model == "vit_tiny":
+    c.model_kwargs.update(dim=32, depth=1, heads=2, mlp_dim=64)
+  c.update_from_flattened_dict(changes)
+  return c

@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from bsparse import distributed, train_lib
-from configs import mlp_fmnist
+from tests import helpers
 from tests.helpers import restore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,24 +40,8 @@ def get_config():
 
 
 def tiny():
-  """The MLP config shrunk to a few steps of global batch 8 on mock data."""
-  c = mlp_fmnist.get_config()
-  c.dataset.source = "tfds"
-  c.dataset.val_size = 16
-  c.batch_size = 8
-  c.eval_batch_size = 16
-  c.num_train_steps = STEPS
-  c.log_every_steps = STEPS
-  c.checkpoint_every_steps = 2
-  c.progress_bar = False
-  c.plots = False
-  c.optimizer.warmup_epochs = 0.0
-  c.sparsity.lam = 0.01
-  c.sparsity.start_epoch = 0.0
-  c.sparsity.ramp_epochs = 0.0
-  c.sparsity.freeze_epoch = -1.0
-  c.model_kwargs.hidden = (40, 20)
-  return c
+  """The tiny MLP for a few steps of global batch 8, logging once."""
+  return helpers.tiny("mlp_fmnist", STEPS, **{"log_every_steps": STEPS, "sparsity.lam": 0.01})
 
 
 def free_port() -> int:

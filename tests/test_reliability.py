@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 
 from bsparse import data as data_lib
 from bsparse import checkpoints, metric_writers, train_lib, validate
-from configs import mlp_fmnist
+from tests import helpers
 from tests.helpers import restore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,26 +22,11 @@ MOCK_EXAMPLES = 48  # 32 train + 16 validation examples: 4 steps per epoch
 
 
 def tiny(steps: int = 6, **changes):
-  """The MLP config shrunk to ``steps`` steps of batch 8, checkpointing every step."""
-  c = mlp_fmnist.get_config()
-  c.dataset.source = "tfds"
-  c.dataset.val_size = 16
-  c.batch_size = 8
-  c.eval_batch_size = 16
-  c.num_train_steps = steps
-  c.log_every_steps = 1
-  c.checkpoint_every_steps = 1
-  c.keep_checkpoints = 10
-  c.progress_bar = False
-  c.plots = False
-  c.optimizer.warmup_epochs = 0.0
-  c.sparsity.lam = 0.01
-  c.sparsity.start_epoch = 0.0
-  c.sparsity.ramp_epochs = 0.0
-  c.sparsity.freeze_epoch = 1.0
-  c.model_kwargs.hidden = (40, 20)
-  c.update_from_flattened_dict(changes)
-  return c
+  """The tiny MLP checkpointing every step, with a strong penalty and the mask frozen
+  after the first epoch."""
+  return helpers.tiny("mlp_fmnist", steps, **{
+      "checkpoint_every_steps": 1, "keep_checkpoints": 10, "sparsity.lam": 0.01,
+      "sparsity.freeze_epoch": 1.0, **changes})
 
 
 def train(c, workdir, **kwargs):

@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 
 from bsparse import (checkpoints, data, layers, metric_writers, selection, sparsity,
                      train_lib)
+from tests import helpers
 from tests.test_sparsity import two_candidates
 
 
@@ -45,8 +46,7 @@ def test_prune_tree_removes_dead_terms_everywhere():
 def selecting(steps: int = 10):
   """Tiny MLP whose fc1 holds two candidates; 4 steps per epoch, so the selection runs in
   the update of step 5 (select_step 4) and checkpoint 5 holds the smaller model."""
-  from tests.test_train import tiny
-  c = tiny("mlp_fmnist", steps)
+  c = helpers.tiny("mlp_fmnist", steps)
   c.layers.block_shapes.fc1 = ((28, 10), (14, 10))
   c.selection.start_epoch = 0.0
   c.selection.anneal_epochs = 0.5

@@ -1,5 +1,4 @@
 """The training loop end to end on tiny data: every config, resume, sharding, eval.py."""
-import importlib
 import json
 import os
 import subprocess
@@ -12,36 +11,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 from bsparse import metric_writers, sparsity, train_lib
-from tests.helpers import restore
+from tests.helpers import restore, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ["mlp_fmnist", "mlp_fmnist_dense", "cnn_fmnist", "cnn_fmnist_dense", "resnet_bs",
            "resnet_dense", "vit_bs", "vit_dense"]
-
-
-def tiny(name: str, steps: int = 3):
-  """A config file's config shrunk to a few steps on mock data."""
-  c = importlib.import_module(f"configs.{name}").get_config()
-  c.dataset.source = "tfds"
-  c.dataset.val_size = 16
-  c.batch_size = 8
-  c.eval_batch_size = 16
-  c.num_train_steps = steps
-  c.log_every_steps = 1
-  c.checkpoint_every_steps = 2
-  c.progress_bar = False
-  c.plots = False
-  c.optimizer.warmup_epochs = 0.0
-  c.sparsity.start_epoch = 0.0
-  c.sparsity.ramp_epochs = 0.0
-  c.sparsity.freeze_epoch = -1.0
-  if c.model == "mlp":
-    c.model_kwargs.hidden = (40, 20)  # 28x10 and 10x10 blocks still divide
-  if c.model.startswith("resnet"):
-    c.model_kwargs.stage_sizes = (1, 1, 1)  # one block per stage: same layer kinds, less compile
-  if c.model == "vit_tiny":
-    c.model_kwargs.update(dim=32, depth=1, heads=2, mlp_dim=64)
-  return c
 
 
 @pytest.mark.parametrize("name", CONFIGS)
