@@ -25,9 +25,10 @@ _SERVING = flags.DEFINE_bool(
 _LATENCY_BATCH = flags.DEFINE_integer("latency_batch", 256, "Batch size for the latency runs.")
 
 
-def serving_report(model, variables, split, config) -> dict:
-  """Accuracy of the BSR form and forward latency of the factored, BSR and dense forms."""
-  forms = export.serving_forms(model, jax.device_get(variables))
+def serving_report(model, variables, split, config, image_shape) -> dict:
+  """Accuracy of the BSR form and forward latency of the factored (KPD models), BSR and
+  dense forms."""
+  forms = export.serving_forms(model, jax.device_get(variables), (1, *image_shape))
   batches = list(data_lib.eval_batches(split, batch_size=config.eval_batch_size))
   x = next(data_lib.eval_batches(split, batch_size=_LATENCY_BATCH.value))["image"]
   out = {"bsr_accuracy": export.accuracy(*forms["bsr"], batches),
@@ -66,9 +67,7 @@ def main(argv):
     raise SystemExit("This run has no validation split (config.dataset.val_size = 0).")
   result = train_lib.evaluate(steps, state, split, config.eval_batch_size)
 
-  variables = {"params": state.params}
-  if state.batch_stats:
-    variables["batch_stats"] = state.batch_stats
+  variables = program.variables(state)
   rows = report.layer_table(model, variables, (1, *datasets.image_shape))
   out = {"step": int(state.step), f"{_SPLIT.value}/accuracy": result["accuracy"],
          f"{_SPLIT.value}/loss": result["loss"], "examples": result["examples"],
@@ -77,13 +76,19 @@ def main(argv):
     print(f"{_SPLIT.value} accuracy {result['accuracy']:.4f} over {result['examples']} "
           f"examples (step {out['step']})\n")
     print(report.format_table(rows))
-    print("\nMACs are per example, forward; kpd = factored, bsr = nonzero blocks only.")
-    if _SERVING.value and jax.process_count() == 1 and has_single_kpd_terms(state.params):
-      out["serving"] = serving_report(model, variables, split, config)
-      export.save_blocks(jax.device_get(state.params), os.path.join(workdir, "blocks.npz"))
+    print("\nMACs are per example, forward; kpd = factored, bsr = nonzero blocks only "
+          "(a layer fine-tuned in block-sparse form has no factored form).")
+    sparse_model = program.switch is not None or has_single_kpd_terms(state.params)
+    if _SERVING.value and jax.process_count() == 1 and sparse_model:
+      out["serving"] = serving_report(model, variables, split, config,
+                                      datasets.image_shape)
+      export.save_blocks(jax.device_get(state.params), os.path.join(workdir, "blocks.npz"),
+                         jax.device_get(program.consts.get("bsr_index")))
       s = out["serving"]
+      trained = "block-sparse" if program.switch is not None else "factored"
       print(f"\nblock-sparse form: {_SPLIT.value} accuracy {s['bsr_accuracy']:.4f} "
-            f"(factored {result['accuracy']:.4f}); nonzero blocks in blocks.npz")
+            f"(as trained, {trained}: {result['accuracy']:.4f}); nonzero blocks in "
+            "blocks.npz")
       print(f"forward latency, batch {s['latency_batch']} on {s['backend']}: " + ", ".join(
           f"{k} {v:.2f} ms" for k, v in s["latency_ms"].items()))
     with open(os.path.join(workdir, "eval.json"), "w", encoding="utf-8") as f:

@@ -14,6 +14,8 @@ plots in ``--plots_dir``:
 - test accuracy and achieved block density (``summary.json``), mean +- std over seeds;
 - training FLOPs, analytic: ``6 x forward MACs per example x examples`` (backward ~ 2x
   forward). Dense-start methods (dense, group_lasso, gradual) compute every weight;
+  ``+bsr`` runs (``sparsity.finetune='bsr'``) count ``nnz*bm*bn`` per position for their
+  sparse layers after the switch to block-sparse form;
   set/rigl/static count their masked layers at the target density (what a block-sparse
   kernel would compute); KPD counts its factored contractions (``bsparse.kron`` cost
   model, cheaper order per layer) at the block density logged at each step for dense
@@ -60,6 +62,14 @@ _DENSITIES = flags.DEFINE_list("densities", ["0.5", "0.25", "0.1"], "Block densi
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
 _EPOCHS = flags.DEFINE_float("epochs", 6.0, "Training epochs of every run.")
 _RANKS = flags.DEFINE_list("ranks", ["4", "16"], "KPD ranks (each a row of the table).")
+_FINETUNE = flags.DEFINE_list(
+    "finetune", ["kpd", "bsr"], "How KPD runs train after the mask freeze, a table row each "
+    "per rank: kpd (the factors; label 'kpd r<rank>') or bsr (the kept blocks in "
+    "block-sparse form, bsparse/finetune.py; label 'kpd r<rank> +bsr').")
+_PRUNE = flags.DEFINE_list(
+    "prune", ["once"], "KPD pruning schedules (sparsity.prune_schedule), a row each per rank "
+    "and fine-tuning form: once (top-k at the freeze), cubic (gradual from the penalty's "
+    "start to the freeze; label suffix ' cubic').")
 _METHODS = flags.DEFINE_list("methods", list(("group_lasso", "gradual", "set", "rigl",
                                               "static")), "Baselines to run beside KPD.")
 _SWEEP = flags.DEFINE_bool("sweep", True, "Also run the block-size sweep and the selection.")
@@ -88,7 +98,7 @@ SWEEP_SIZES = {"mlp": ("fc1", ((28, 10), (14, 10), (28, 20))),
 class Run:
   """One training run: a row ``label`` of the tables at one density and seed."""
   model: str
-  label: str  # dense | kpd r<rank> | a baseline | fixed <m>x<n> | select
+  label: str  # dense | kpd r<rank> [+bsr] [cubic] | a baseline | fixed <m>x<n> | select
   method: str
   density: float
   seed: int
@@ -118,7 +128,7 @@ def schedule(epochs: float) -> dict[str, float]:
 
 
 def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
-         sweep_density: float) -> list[Run]:
+         sweep_density: float, finetunes=("kpd",), prunes=("once",)) -> list[Run]:
   runs = []
   sch = schedule(epochs)
   common = (("num_epochs", epochs), ("progress_bar", False))
@@ -127,10 +137,14 @@ def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
       base = common + (("seed", seed),)
       runs.append(Run(model, "dense", "dense", 1.0, seed, base + (("method", "dense"),)))
       for d in densities:
-        for r in ranks:
-          runs.append(Run(model, f"kpd r{r}", "kpd", d, seed, base + (
+        for r, f, p in ((r, f, p) for r in ranks for f in finetunes for p in prunes):
+          extra = ((("sparsity.finetune", "bsr"),) if f == "bsr" else ()) + (
+              (("sparsity.prune_schedule", "cubic"),) if p == "cubic" else ())
+          label = f"kpd r{r}" + (" +bsr" if f == "bsr" else "") + (" cubic" if p == "cubic"
+                                                                   else "")
+          runs.append(Run(model, label, "kpd", d, seed, base + (
               ("layers.rank", r), ("sparsity.target_density", d),
-              *((k, v) for k, v in sch.items() if k.startswith("sparsity.")))))
+              *((k, v) for k, v in sch.items() if k.startswith("sparsity.")), *extra)))
         for m in methods:
           runs.append(Run(model, m, m, d, seed, base + (
               ("method", m), ("baseline.target_density", d),
@@ -165,7 +179,8 @@ def _flag_value(v) -> str:
 def invocation() -> str:
   """This study's command line: the flags that differ from their defaults."""
   args = []
-  for holder in (_OUT, _MODELS, _DENSITIES, _SEEDS, _EPOCHS, _RANKS, _METHODS, _SWEEP,
+  for holder in (_OUT, _MODELS, _DENSITIES, _SEEDS, _EPOCHS, _RANKS, _FINETUNE, _PRUNE,
+                 _METHODS, _SWEEP,
                  _SWEEP_DENSITY, _RESULTS, _PLOTS_DIR, _LATENCY_BATCH, _OVERRIDES,
                  _IN_PROCESS, _REPORT_ONLY):
     flag = flags.FLAGS[holder.name]
@@ -263,13 +278,19 @@ def _term_costs(program, variables, image_shape) -> tuple[dict[str, Any], int]:
   return costs, dense
 
 
-def training_flops(run: Run, config, program, variables, image_shape, rows) -> float:
-  """Analytic training FLOPs of the run (see the module docstring)."""
+def training_flops(run: Run, config, program, variables, image_shape, rows,
+                   switch=None) -> float:
+  """Analytic training FLOPs of the run (see the module docstring); ``switch``:
+  ``(step, MACs per example)`` of the block-sparse model a run switched to."""
   costs, dense_macs = _term_costs(program, variables, image_shape)
   per_step = []  # (step, MACs per example)
   if run.method == "kpd":
     for r in rows:
-      if "train/loss" in r:
+      if "train/loss" not in r:
+        continue
+      if switch is not None and r["step"] > switch[0]:
+        per_step.append((r["step"], switch[1]))
+      else:
         per_step.append((r["step"], dense_macs + sum(
             c(r[f"density/{k}"]) for k, c in costs.items() if f"density/{k}" in r)))
   else:
@@ -325,10 +346,15 @@ def measure(run: Run, out: str, datasets, latency: bool) -> dict[str, Any]:
         set_aside=False)
   finally:
     manager.close()
-  # The initial model (every candidate) prices the steps before a selection; costs need
-  # shapes only, so its variables stay abstract.
+  # The initial model (every candidate) prices the steps before a selection or a switch
+  # to block-sparse form; costs need shapes only, so its variables stay abstract.
   choice = selection.load_choice(workdir)
-  initial = build(config) if choice else program
+  initial = build(config) if choice or program.switch else program
+  switch = None
+  if program.switch is not None:
+    table = report.layer_table(program.model, jax.device_get(program.variables(state)),
+                               (1, *datasets.image_shape))
+    switch = (program.switch.step, report.totals(table)["bsr_macs"])
   x = jax.ShapeDtypeStruct((1, *datasets.image_shape), np.float32)
   init_vars = jax.eval_shape(lambda x: initial.model.init(jax.random.key(0), x, train=False), x)
   density = summary.get("density/weights", 1.0)
@@ -337,7 +363,7 @@ def measure(run: Run, out: str, datasets, latency: bool) -> dict[str, Any]:
             "density": density, "command": info["command"], "wall_s": info["wall_s"],
             "rss_mb": info["peak_rss_mb"],
             "flops": training_flops(run, config, initial, init_vars, datasets.image_shape,
-                                    rows),
+                                    rows, switch),
             "step_ms": median_step_ms(rows, config.batch_size),
             **step_memory(program, state, config, datasets.image_shape)}
   if choice is not None:
@@ -349,13 +375,11 @@ def measure(run: Run, out: str, datasets, latency: bool) -> dict[str, Any]:
 
 def latency_of(program, state, datasets) -> dict[str, float]:
   x = next(data.eval_batches(datasets.test, batch_size=_LATENCY_BATCH.value))["image"]
-  variables = {"params": jax.device_get(state.params)}
-  if state.batch_stats:
-    variables["batch_stats"] = jax.device_get(state.batch_stats)
-  if not sparsity.term_paths(variables["params"]):
+  variables = jax.device_get(program.variables(state))
+  if program.switch is None and not sparsity.term_paths(variables["params"]):
     return {"dense": export.latency_ms(program.model, variables, x)}
-  return {k: export.latency_ms(m, v, x)
-          for k, (m, v) in export.serving_forms(program.model, variables).items()}
+  forms = export.serving_forms(program.model, variables, (1, *datasets.image_shape))
+  return {k: export.latency_ms(m, v, x) for k, (m, v) in forms.items()}
 
 
 # --------------------------------------------------------------------------- reporting
@@ -473,7 +497,8 @@ def sweep_summary(results, model) -> tuple[str, list[str]]:
 
 def verdicts(results, model, rank_label: str) -> list[str]:
   """The done-when checks of the study at the lowest density."""
-  rs = [r for r in results if r["model"] == model]
+  rs = [r for r in results if r["model"] == model and not r["label"].startswith(("fixed",
+                                                                                 "select"))]
   low = min((r["target"] for r in rs if r["method"] != "dense"), default=None)
   if low is None:
     return []
@@ -523,7 +548,13 @@ def plot_accuracy(results, model, path) -> str:
   return path
 
 
-def write_results(study: dict, path: str, plots_dir: str, ranks) -> None:
+def kpd_labels(results, model) -> list[str]:
+  """The KPD table rows of ``model`` (``kpd r<rank>``, with ``+bsr`` and ``cubic`` variants)."""
+  labels = {r["label"] for r in results if r["model"] == model and r["label"].startswith("kpd")}
+  return sorted(labels, key=lambda l: (int(l.split()[1][1:]), l))
+
+
+def write_results(study: dict, path: str, plots_dir: str) -> None:
   results = list(study["runs"].values())
   os.makedirs(plots_dir, exist_ok=True)
   rel = os.path.relpath(plots_dir, os.path.dirname(os.path.abspath(path)) or ".")
@@ -548,9 +579,8 @@ def write_results(study: dict, path: str, plots_dir: str, ranks) -> None:
     parts.append(main_table(results, model) + "\n")
     parts.append(f"![{model}]({rel}/{model}_accuracy.png)\n")
     plot_accuracy(results, model, os.path.join(plots_dir, f"{model}_accuracy.png"))
-    checks = verdicts(results, model, f"kpd r{ranks[0]}")
-    if len(ranks) > 1:
-      checks += verdicts(results, model, f"kpd r{ranks[-1]}")
+    checks = [c for label in kpd_labels(results, model)
+              for c in verdicts(results, model, label)]
     if checks:
       parts.append("Targets (lowest density):\n\n" + "\n".join(
           c if c.startswith("  - ") else f"- {c}" for c in checks)
@@ -579,13 +609,12 @@ def main(argv):
   ranks = [int(r) for r in _RANKS.value]
   if _REPORT_ONLY.value:
     with open(os.path.join(out, "study.json"), encoding="utf-8") as f:
-      write_results(json.load(f), _RESULTS.value, _PLOTS_DIR.value, ranks)
+      write_results(json.load(f), _RESULTS.value, _PLOTS_DIR.value)
     print(f"wrote {_RESULTS.value} and {_PLOTS_DIR.value}/")
     return
   runs = plan(_MODELS.value, [float(d) for d in _DENSITIES.value],
               [int(s) for s in _SEEDS.value], ranks, _METHODS.value, _EPOCHS.value,
-              _SWEEP.value,
-              _SWEEP_DENSITY.value)
+              _SWEEP.value, _SWEEP_DENSITY.value, _FINETUNE.value, _PRUNE.value)
   unique = list({r.name: r for r in runs}.values())
   print(f"{len(unique)} runs in {out}")
   for i, run in enumerate(unique):
@@ -599,7 +628,7 @@ def main(argv):
     fresh.append({**measure(run, out, datasets, latency), "epochs": _EPOCHS.value})
   study = merge(os.path.join(out, "study.json"), fresh,
                 {m: invocation() for m in _MODELS.value})
-  write_results(study, _RESULTS.value, _PLOTS_DIR.value, ranks)
+  write_results(study, _RESULTS.value, _PLOTS_DIR.value)
   print(f"wrote {_RESULTS.value} and {_PLOTS_DIR.value}/")
 
 

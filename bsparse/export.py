@@ -1,9 +1,11 @@
-"""Serving forms of a trained KPD model: block-sparse (BSR) and dense, with latency.
+"""Serving forms of a trained model: factored (KPD), block-sparse (BSR) and dense, with
+latency.
 
 A trained KPD model can run three ways (``DESIGN.md`` §1): factored (the KPD layers),
 block-sparse (only the nonzero blocks, ``bsparse.kernels``) and dense (``W`` built, for
-comparison). ``serving_forms`` builds the model and variables of each; they compute the same
-function up to float rounding.
+comparison). A model fine-tuned in block-sparse form (``bsparse.finetune``) has no factored
+form left and runs block-sparse or dense. ``serving_forms`` builds the model and variables
+of each form; they compute the same function up to float rounding.
 """
 from __future__ import annotations
 
@@ -12,12 +14,14 @@ import statistics
 import time
 
 import flax.linen as nn
+import flax.traverse_util as tu
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from bsparse import kron, sparsity
 from bsparse.kernels import convert
+from bsparse.kernels.layers import INDEX_COLLECTION
 
 
 def dense_params(params):
@@ -35,12 +39,55 @@ def dense_params(params):
   return out
 
 
-def serving_forms(model: nn.Module, variables) -> dict[str, tuple[nn.Module, dict]]:
-  """``{'kpd' | 'bsr' | 'dense': (model, variables)}`` for a KPD ``model``."""
+def bsr_kernel(blocks, index, kernel_shape) -> jax.Array:
+  """The dense ``kernel`` ``(*taps, m, n)`` of a block-sparse layer: its stored ``blocks``
+  ``(nnz_max, *taps, bm, bn)`` placed at ``index['rows'], index['cols']`` of the block grid."""
+  *taps, m, n = kernel_shape
+  bm, bn = blocks.shape[-2:]
+  valid = jnp.arange(blocks.shape[0]) < index["nnz"]
+  blocks = jnp.where(valid.reshape(-1, *[1] * (blocks.ndim - 1)), blocks, 0)
+  grid = jnp.zeros((*taps, m // bm, n // bn, bm, bn), blocks.dtype)
+  grid = grid.at[..., index["rows"], index["cols"], :, :].add(
+      jnp.moveaxis(blocks, 0, len(taps)))
+  k = len(taps)
+  return jnp.moveaxis(grid, k + 2, k + 1).reshape(kernel_shape)
+
+
+def bsr_dense_params(dense_model: nn.Module, variables, input_shape):
+  """The params of ``dense_model`` (the block-sparse model rebuilt with dense layers)
+  holding the same weights as ``variables`` of the block-sparse model."""
+  shapes = jax.eval_shape(lambda x: dense_model.init(jax.random.key(0), x, train=False),
+                          jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))["params"]
+  flat = tu.flatten_dict(variables["params"])
+  index = tu.flatten_dict(variables.get(INDEX_COLLECTION, {}))
+  out = {}
+  for path, leaf in flat.items():
+    if path[-1] != "blocks":
+      out[path] = leaf
+      continue
+    layer = path[:-1]
+    idx = {k: index[layer + (k,)] for k in ("rows", "cols", "nnz")}
+    kernel_shape = tu.flatten_dict(shapes)[layer + ("kernel",)].shape
+    out[layer + ("kernel",)] = bsr_kernel(leaf, idx, kernel_shape)
+  return tu.unflatten_dict(out)
+
+
+def serving_forms(model: nn.Module, variables, input_shape=None
+                  ) -> dict[str, tuple[nn.Module, dict]]:
+  """``{'kpd' | 'bsr' | 'dense': (model, variables)}`` for a KPD ``model``;
+  ``{'bsr' | 'dense': ...}`` for a block-sparse one, which needs ``input_shape``
+  (``(1, *image)``) to build its dense twin."""
   params = variables["params"]
-  extra = {k: v for k, v in variables.items() if k != "params"}
+  extra = {k: v for k, v in variables.items() if k not in ("params", INDEX_COLLECTION)}
   factory = model.layers
   dense_model = model.clone(layers=dataclasses.replace(factory, kind="dense"))
+  if factory.kind == "bsr":
+    if input_shape is None:
+      raise ValueError("serving_forms of a block-sparse model needs input_shape, e.g. "
+                       "(1, 28, 28, 1), to build its dense form.")
+    return {"bsr": (model, variables),
+            "dense": (dense_model, {"params": bsr_dense_params(dense_model, variables,
+                                                               input_shape), **extra})}
   specs = convert.bsr_layer_specs(params)
   bsr_model = model.clone(layers=dataclasses.replace(factory, kind="bsr", bsr_specs=specs))
   return {"kpd": (model, variables),
@@ -71,9 +118,21 @@ def accuracy(model: nn.Module, variables, batches) -> float:
   return correct / max(count, 1.0)
 
 
-def save_blocks(params, path: str) -> None:
-  """Writes each KPD layer's nonzero blocks as ``<layer>/{rows,cols,blocks}`` to an npz."""
+def save_blocks(params, path: str, index=None) -> None:
+  """Writes each sparse layer's nonzero blocks to an npz as ``<layer>/<term>/{rows,cols,
+  blocks}`` for KPD layers and ``<layer>/bsr/{rows,cols,blocks}`` for block-sparse ones
+  (blocks ``(nnz, [kh, kw,] bm, bn)`` at block ``(rows[k], cols[k])``); ``index``: the
+  ``bsr_index`` collection of a block-sparse model."""
   arrays = {}
+  index = tu.flatten_dict(index or {})
+  for where, blocks in tu.flatten_dict(params).items():
+    if where[-1] == "blocks":
+      layer = where[:-1]
+      nnz = int(index[layer + ("nnz",)])
+      name = "/".join(layer) + "/bsr"
+      arrays.update({f"{name}/rows": np.asarray(index[layer + ("rows",)])[:nnz],
+                     f"{name}/cols": np.asarray(index[layer + ("cols",)])[:nnz],
+                     f"{name}/blocks": np.asarray(blocks)[:nnz]})
   for layer, terms in sparsity.layer_groups(params).items():
     node = params
     for k in layer:

@@ -71,14 +71,26 @@ def _kpd_row(terms: dict, in_pos: int, out_pos: int) -> dict:
               bsr_params=bsr_params, bsr_macs=bsr_macs)
 
 
+def _bsr_row(blocks, nnz: int, m: int, n: int, out_pos: int) -> dict:
+  """A block-sparse layer: it has no factored form, so its ``kpd_*`` columns repeat the
+  block-sparse costs."""
+  bm, bn = blocks.shape[-2:]
+  taps = int(math.prod(blocks.shape[1:-2]))
+  params = nnz * taps * bm * bn + 2 * nnz
+  macs = out_pos * nnz * taps * bm * bn
+  return dict(block=f"{bm}x{bn} bsr", rank="-", density=nnz / max((m // bm) * (n // bn), 1),
+              kpd_params=params, kpd_macs=macs, bsr_params=params, bsr_macs=macs)
+
+
 def layer_table(model: nn.Module, variables, input_shape) -> list[dict]:
-  """One row per weight layer (dense or KPD) with costs per example."""
+  """One row per weight layer (dense, KPD or block-sparse) with costs per example."""
   shapes = io_shapes(model, variables, input_shape)
   flat = tu.flatten_dict(variables["params"])
+  index = tu.flatten_dict(variables.get("bsr_index", {}))
   layers: dict[tuple, dict] = {}
   for path, leaf in flat.items():
-    if path[-1] == "kernel":
-      layers.setdefault(path[:-1], {})["kernel"] = leaf
+    if path[-1] in ("kernel", "blocks"):
+      layers.setdefault(path[:-1], {})[path[-1]] = leaf
     elif path[-1] == "S":
       layers.setdefault(path[:-2], {})[path[-2]] = {k: flat[path[:-1] + (k,)] for k in "SAB"}
   rows = []
@@ -86,8 +98,11 @@ def layer_table(model: nn.Module, variables, input_shape) -> list[dict]:
     (in_shape, out_shape) = shapes.get(path, ((1, 1), (1, 1)))
     in_pos, out_pos = positions(in_shape), positions(out_shape)
     m, n = in_shape[-1], out_shape[-1]
-    taps = int(np.prod(node["kernel"].shape[:-2])) if "kernel" in node else None
-    if taps is None:
+    if "kernel" in node:
+      taps = int(np.prod(node["kernel"].shape[:-2]))
+    elif "blocks" in node:
+      taps = int(np.prod(node["blocks"].shape[1:-2]))
+    else:
       any_a = next(iter(node.values()))["A"]
       taps = int(math.prod(any_a.shape[1:-2]))
     dense_params = taps * m * n
@@ -96,6 +111,8 @@ def layer_table(model: nn.Module, variables, input_shape) -> list[dict]:
     if "kernel" in node:
       row.update(block="dense", rank="-", density=1.0, kpd_params=dense_params,
                  kpd_macs=row["dense_macs"], bsr_params=dense_params, bsr_macs=row["dense_macs"])
+    elif "blocks" in node:
+      row.update(_bsr_row(node["blocks"], int(index[path + ("nnz",)]), m, n, out_pos))
     else:
       row.update(_kpd_row(node, in_pos, out_pos))
     rows.append(row)

@@ -10,7 +10,10 @@ named ``S`` beside ``A`` and ``B``; see ``bsparse.layers``) it:
 2. at ``freeze_step`` fixes the block mask: optionally prunes each layer to
    ``target_density`` by block Frobenius norm (``|S_ij| * ||sum_k A_kij B_k||``), and from
    then on zero blocks stay zero (and, by default, the penalty stops so the surviving
-   blocks fine-tune without shrinkage).
+   blocks fine-tune without shrinkage). With ``prune_start >= 0`` the layers reach that
+   density gradually instead: every ``prune_every`` steps from ``prune_start`` to
+   ``freeze_step`` they keep their largest blocks on the cubic schedule of
+   ``baselines.Gradual``, and a pruned block stays pruned.
 
 The scale ambiguity of ``S * A`` (shrink ``S``, grow ``A``, dodge the penalty) is held in
 check by decoupled weight decay on ``A`` and ``B`` in the base optimizer
@@ -130,7 +133,8 @@ def candidate_share_scalars(params) -> dict[str, jax.Array]:
 def block_sparsity(lam: Schedule, lr: Schedule, lr_peak: float, freeze_step: int = -1,
                    target_density: float | None = None, penalty_after_freeze: bool = False,
                    anneal: Schedule | None = None, anneal_strength: float = 0.0,
-                   select_step: int = -1) -> optax.GradientTransformation:
+                   select_step: int = -1, prune_start: int = -1,
+                   prune_every: int = 100) -> optax.GradientTransformation:
   """Proximal L1 on selectors, block-size annealing and the mask freeze.
 
   Args:
@@ -146,7 +150,13 @@ def block_sparsity(lam: Schedule, lr: Schedule, lr_peak: float, freeze_step: int
       faster and collapse.
     select_step: at this step every multi-candidate layer keeps only its largest
       candidate; the others are zeroed and stay dropped. Negative: never.
+    prune_start: first step of gradual pruning to ``target_density`` (reached at
+      ``freeze_step``); negative: prune once, at ``freeze_step``.
+    prune_every: steps between gradual pruning steps.
   """
+  gradual = None
+  if prune_start >= 0 and target_density is not None and freeze_step > prune_start:
+    gradual = baselines.Gradual(target_density, prune_start, freeze_step, prune_every)
 
   def init(params):
     flat = tu.flatten_dict(params)
@@ -174,7 +184,10 @@ def block_sparsity(lam: Schedule, lr: Schedule, lr_peak: float, freeze_step: int
         s_new = soft_threshold(flat_new[path + ("S",)],
                                tau * (1 + anneal_strength * a_t * (1 - share)))
         s_new = jnp.where(frozen, s_new * state.masks[key], s_new)
-        if target_density is not None and freeze_step >= 0:
+        if gradual is not None:
+          s_new = _prune_gradually(gradual, count, s_new, state.masks[key],
+                                   flat_new[path + ("A",)], flat_new[path + ("B",)])
+        elif target_density is not None and freeze_step >= 0:
           scores = kron.block_norms(s_new, flat_new[path + ("A",)], flat_new[path + ("B",)])
           s_new = jnp.where(count == freeze_step,
                             s_new * prune_to_density(scores, target_density), s_new)
@@ -188,6 +201,19 @@ def block_sparsity(lam: Schedule, lr: Schedule, lr_peak: float, freeze_step: int
     return tu.unflatten_dict(flat_u), BlockSparsityState(count + 1, masks, alive)
 
   return optax.GradientTransformation(init, update)
+
+
+def _prune_gradually(gradual, count, s, mask, a, b) -> jax.Array:
+  """The selector ``s`` after a step of ``gradual`` (``baselines.Gradual``) pruning: from
+  its start, blocks outside ``mask`` stay zero; on its pruning steps only the
+  ``kept_at(count)`` largest blocks are kept."""
+  pruning = count >= gradual.start_step
+  s = jnp.where(pruning, s * mask, s)
+  due = pruning & (count <= gradual.end_step) & (
+      ((count - gradual.start_step) % gradual.every == 0) | (count == gradual.end_step))
+  keep = baselines.top_k_mask(kron.block_norms(s, a, b), gradual.kept_at(count, s.size),
+                              s != 0)
+  return jnp.where(due, s * keep, s)
 
 
 def _select(flat, terms, alive, at_select) -> dict[str, jax.Array]:
@@ -266,8 +292,11 @@ def make_optimizer(config, steps_per_epoch: int, total_steps: int
   anneal = optax.linear_schedule(0.0, 1.0, max(1, int(sel.anneal_epochs * steps_per_epoch)),
                                  int(sel.start_epoch * steps_per_epoch))
   select = int(sel.select_epoch * steps_per_epoch) if sel.select_epoch >= 0 else -1
+  prune_start = (int(sp.start_epoch * steps_per_epoch)
+                 if sp.get("prune_schedule", "once") == "cubic" else -1)
   tx = optax.chain(base, block_sparsity(lam, lr, opt.learning_rate, freeze, target,
-                                        sp.penalty_after_freeze, anneal, sel.strength, select))
+                                        sp.penalty_after_freeze, anneal, sel.strength, select,
+                                        prune_start, sp.get("prune_every_steps", 100)))
   return tx, lr, lam
 
 

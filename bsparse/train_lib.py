@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from bsparse import data as data_lib
 from bsparse import layers as layers_lib
-from bsparse import (baselines, checkpoints, metric_writers, models, plots, selection,
-                     sparsity, validate)
+from bsparse import (baselines, checkpoints, finetune, metric_writers, models, plots,
+                     selection, sparsity, validate)
 from bsparse.checkpoints import checkpoint_manager, save_config
 
 
@@ -48,12 +48,17 @@ def layer_factory(config: ml_collections.ConfigDict) -> layers_lib.LayerFactory:
       kind=lc.kind, block_shape=tuple(lc.block_shape), rank=lc.rank,
       block_shapes={k: to_shape(v) for k, v in lc.block_shapes.items()},
       ranks=dict(lc.ranks), dense_layers=tuple(lc.dense_layers),
-      dtype=jnp.dtype(config.compute_dtype))
+      dtype=jnp.dtype(config.compute_dtype),
+      impl=None if config.kernels.impl == "auto" else config.kernels.impl)
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-  return models.create_model(config.model, layer_factory(config), num_classes,
-                             **config.model_kwargs)
+def build_model(config: ml_collections.ConfigDict, num_classes: int,
+                switch: finetune.Switch | None = None) -> nn.Module:
+  """The model of ``config``; after a ``switch``, its KPD layers are block-sparse."""
+  factory = layer_factory(config)
+  if switch is not None:
+    factory = dataclasses.replace(factory, kind="bsr", bsr_specs=switch.specs())
+  return models.create_model(config.model, factory, num_classes, **config.model_kwargs)
 
 
 def init_variables(model: nn.Module, image_shape, seed: int):
@@ -91,8 +96,12 @@ def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0
 
 
 def train_step(state: TrainState, batch, *, model: nn.Module, tx, num_classes: int,
-               label_smoothing: float = 0.0, skip_nonfinite: bool = False):
+               label_smoothing: float = 0.0, skip_nonfinite: bool = False,
+               consts: dict | None = None):
   """One optimizer step on a (globally sharded) batch; pure, so it jits and shards.
+
+  ``consts``: variable collections that are not trained (the block indices of a
+  block-sparse model, ``finetune.Switch.index``).
 
   ``metrics['finite']`` says whether the loss and the gradient norm are finite; with
   ``skip_nonfinite`` a step where they are not leaves params, batch statistics and
@@ -100,7 +109,7 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx, num_classes: i
   """
 
   def loss_fn(params):
-    variables = {"params": params}
+    variables = {"params": params, **(consts or {})}
     if state.batch_stats:
       variables["batch_stats"] = state.batch_stats
       logits, new_vars = model.apply(variables, batch["image"], train=True,
@@ -130,9 +139,10 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx, num_classes: i
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch, *, model: nn.Module, num_classes: int):
+def eval_step(state: TrainState, batch, *, model: nn.Module, num_classes: int,
+              consts: dict | None = None):
   """Sums of loss, correct predictions and real examples (``mask`` drops padding)."""
-  variables = {"params": state.params}
+  variables = {"params": state.params, **(consts or {})}
   if state.batch_stats:
     variables["batch_stats"] = state.batch_stats
   logits = model.apply(variables, batch["image"], train=False)
@@ -147,18 +157,18 @@ class Steps:
   """The jitted train and eval steps with their shardings over ``mesh``."""
 
   def __init__(self, model, tx, num_classes: int, mesh, label_smoothing: float = 0.0,
-               nan_policy: str = "stop"):
+               nan_policy: str = "stop", consts: dict | None = None):
     self.mesh = mesh
     self.replicated = NamedSharding(mesh, P())
     self.batch_sharding = NamedSharding(mesh, P("data"))
     self.train = jax.jit(
         lambda s, b: train_step(s, b, model=model, tx=tx, num_classes=num_classes,
                                 label_smoothing=label_smoothing,
-                                skip_nonfinite=nan_policy == "skip"),
+                                skip_nonfinite=nan_policy == "skip", consts=consts),
         in_shardings=(self.replicated, self.batch_sharding),
         out_shardings=(self.replicated, self.replicated), donate_argnums=0)
     self.eval = jax.jit(
-        lambda s, b: eval_step(s, b, model=model, num_classes=num_classes),
+        lambda s, b: eval_step(s, b, model=model, num_classes=num_classes, consts=consts),
         in_shardings=(self.replicated, self.batch_sharding), out_shardings=self.replicated)
 
   def put_batch(self, local_batch: dict) -> dict:
@@ -173,19 +183,41 @@ class Steps:
 @dataclasses.dataclass(frozen=True)
 class Program:
   """Everything that depends on the model's shape: the model, its optimizer chain with
-  the learning-rate and penalty schedules, and the compiled steps."""
+  the learning-rate and penalty schedules, the compiled steps, and, once the model is
+  block-sparse, the switch that made it so."""
   model: nn.Module
   tx: optax.GradientTransformation
   schedules: tuple[Any, Any]  # (lr, lam): step -> value
   steps: Steps
+  switch: finetune.Switch | None = None
+
+  @property
+  def consts(self) -> dict:
+    """The model's variables besides params and batch statistics (block indices)."""
+    return self.switch.index() if self.switch is not None else {}
+
+  def variables(self, state: TrainState) -> dict:
+    """The ``variables`` argument of ``self.model.apply`` for ``state``."""
+    out = {"params": state.params, **self.consts}
+    if state.batch_stats:
+      out["batch_stats"] = state.batch_stats
+    return out
+
+  def sparsity_scalars(self, state: TrainState) -> dict[str, float]:
+    """``sparsity_scalars`` of the state; after the switch, the densities it fixed."""
+    if self.switch is not None:
+      return dict(self.switch.scalars)
+    return sparsity_scalars(state.params, state.opt_state)
 
 
 def build_program(config, num_classes: int, steps_per_epoch: int, total: int,
-                  mesh) -> Program:
-  model = build_model(config, num_classes)
+                  mesh, switch: finetune.Switch | None = None) -> Program:
+  model = build_model(config, num_classes, switch)
   tx, lr_fn, lam_fn = sparsity.make_optimizer(config, steps_per_epoch, total)
-  steps = Steps(model, tx, num_classes, mesh, config.label_smoothing, config.nan_policy)
-  return Program(model, tx, (lr_fn, lam_fn), steps)
+  consts = switch.index() if switch is not None else None
+  steps = Steps(model, tx, num_classes, mesh, config.label_smoothing, config.nan_policy,
+                consts)
+  return Program(model, tx, (lr_fn, lam_fn), steps, switch)
 
 
 def without_terms(state: TrainState, dead: list[tuple[str, ...]]) -> TrainState:
@@ -338,18 +370,19 @@ def _window_scalars(window: list[dict]) -> dict[str, float]:
 
 
 def _log_scalars(config, state: TrainState, window: list[dict], seconds: float, done: int,
-                 schedules: tuple[Any, Any]) -> dict[str, float]:
-  lr_fn, lam_fn = schedules
+                 program: Program) -> dict[str, float]:
+  lr_fn, lam_fn = program.schedules
   scalars = {**_window_scalars(window),
              "examples_per_sec": len(window) * config.batch_size / seconds,
              "lr": float(lr_fn(done - 1)), "lam": float(lam_fn(done - 1)),
-             **sparsity_scalars(state.params, state.opt_state)}
+             **program.sparsity_scalars(state)}
   if config.nan_policy == "skip":
     scalars["train/skipped_steps"] = int(state.skipped_steps)
   return scalars
 
 
-Selector = Callable[[TrainState], tuple[TrainState, Program]]
+# A change of the model at a step boundary: (state) -> (converted state, its program).
+Transition = Callable[[TrainState], tuple[TrainState, Program]]
 
 
 def _warn_empty_layers(scalars: dict[str, float], warned: set[str]) -> None:
@@ -369,17 +402,18 @@ def _warn_empty_layers(scalars: dict[str, float], warned: set[str]) -> None:
 
 def _train(config, program: Program, state: TrainState, datasets: data_lib.Datasets,
            manager, writer: metric_writers.MetricWriter, spe: int, total: int,
-           select_at: int | None = None, select: Selector | None = None
-           ) -> tuple[TrainState, Program]:
+           transitions: dict[int, Transition] | None = None) -> tuple[TrainState, Program]:
   """Runs the steps after ``state.step`` up to ``total``, logging, evaluating on the
   validation split and checkpointing as configured; returns the final state and the
   program that runs it.
 
-  After step ``select_at`` it calls ``select`` (drop the losing block-size candidates,
-  rebuild the program: one re-jit) and saves a checkpoint of the smaller model.
+  After a step ``t`` in ``transitions`` it calls ``transitions[t]`` (drop the losing
+  block-size candidates, or switch to block-sparse form; one re-jit) and saves a
+  checkpoint of the new model.
   Raises NonFiniteError (``nan_policy='stop'``) before logging, evaluating, selecting or
   saving past a step with a NaN/Inf, and Interrupted after saving on SIGTERM/SIGINT.
   """
+  transitions = transitions or {}
   start = int(state.step)
   batches = data_lib.train_batches(
       datasets.train, batch_size=config.batch_size, seed=config.seed, start_step=start,
@@ -396,18 +430,18 @@ def _train(config, program: Program, state: TrainState, datasets: data_lib.Datas
       state, metrics = steps.train(state, steps.put_batch(next(batches)))
       window.append(metrics)
       last, stopping = done == total, stop.requested(manager, done)
-      selecting = done == select_at
+      changing = done in transitions
       log = done % config.log_every_steps == 0 or last
       validate_now = datasets.val is not None and (done % eval_every == 0 or last)
-      save = done % config.checkpoint_every_steps == 0 or last or stopping or selecting
+      save = done % config.checkpoint_every_steps == 0 or last or stopping or changing
       if config.nan_policy == "stop" and (log or validate_now or save):
         _check_finite(window, done, manager)
-      if selecting:
-        state, program = select(state)
+      if changing:
+        state, program = transitions[done](state)
         steps = program.steps
       if log:
         scalars = _log_scalars(config, state, window, time.perf_counter() - t0, done,
-                               program.schedules)
+                               program)
         writer.write(done, scalars)
         bar.set_postfix(loss=f"{scalars['train/loss']:.3f}",
                         acc=f"{scalars['train/accuracy']:.3f}",
@@ -430,7 +464,7 @@ def _train(config, program: Program, state: TrainState, datasets: data_lib.Datas
   return state, program
 
 
-def _selector(config, workdir: str, build: Callable[[Any], Program]) -> Selector:
+def _selector(config, workdir: str, build: Callable[..., Program]) -> Transition:
   """Drops the losing candidates after the selection step and records the choice in
   ``workdir`` (before the checkpoint without them is saved)."""
 
@@ -455,44 +489,108 @@ def _selector(config, workdir: str, build: Callable[[Any], Program]) -> Selector
   return select
 
 
-def _checked_choice(config, workdir: str, manager, spe: int) -> selection.Choice | None:
-  """The recorded block-size choice of ``workdir``, or None; raises CheckpointError when
-  checkpoints from after the selection exist but the record of the choice does not."""
-  choice = selection.load_choice(workdir)
-  boundary = selection.boundary_step(config, spe)
-  if choice is None and boundary is not None and any(
+def _switcher(config, workdir: str, build: Callable[..., Program]) -> Transition:
+  """Converts the model to block-sparse form after the freeze step (``bsparse.finetune``)
+  and records the switch in ``workdir`` (before the checkpoint of the new model is saved)."""
+
+  def switch(state: TrainState) -> tuple[TrainState, Program]:
+    params = jax.device_get(state.params)
+    record, new_params = finetune.switch_from_params(params, int(state.step))
+    program = build(config, record)
+    opt_state = finetune.continue_schedules(program.tx.init(new_params), record.step)
+    state = program.steps.put_state(state.replace(params=new_params, opt_state=opt_state))
+    if jax.process_index() == 0:
+      finetune.save_switch(workdir, record)
+      if config.plots:
+        plots.plot_masks(params, os.path.join(workdir, "masks.png"))
+      tqdm.write(f"step {record.step}: fine-tuning the kept blocks in block-sparse form ("
+                 f"{sum(v['nnz'] for v in record.layers.values())} blocks in "
+                 f"{len(record.layers)} layers)")
+    checkpoints.sync("bsparse_finetune")
+    return state, program
+
+  return switch
+
+
+def _required_record(record, boundary: int | None, manager, path: str, holds: str):
+  """``record`` (a file of ``workdir`` read by the caller, or None); raises CheckpointError
+  when it is None but checkpoints from step ``boundary`` on, which ``holds`` a model only
+  the record describes, exist."""
+  if record is None and boundary is not None and any(
       s >= boundary for s in manager.all_steps()):
     raise checkpoints.CheckpointError(
-        f"The checkpoints in {manager.directory} from step {boundary} on hold the model "
-        f"after the block-size selection, but {workdir}/{selection.CHOICE_FILE}, which "
-        "records the chosen sizes, is missing. Put it back, or start over with --overwrite "
-        "or a new --workdir.")
-  return choice
+        f"The checkpoints in {manager.directory} from step {boundary} on hold {holds}, but "
+        f"{path}, which records it, is missing. Put it back, or start over with "
+        "--overwrite or a new --workdir.")
+  return record
+
+
+def _checked_switch(config, workdir: str, manager, spe: int) -> finetune.Switch | None:
+  """The recorded switch to block-sparse form of ``workdir``, or None."""
+  return _required_record(finetune.load_switch(workdir), finetune.boundary_step(config, spe),
+                          manager, os.path.join(workdir, finetune.RECORD_FILE),
+                          "the block-sparse model")
+
+
+def _checked_choice(config, workdir: str, manager, spe: int) -> selection.Choice | None:
+  """The recorded block-size choice of ``workdir``, or None."""
+  return _required_record(selection.load_choice(workdir),
+                          selection.boundary_step(config, spe), manager,
+                          os.path.join(workdir, selection.CHOICE_FILE),
+                          "the model after the block-size selection")
 
 
 def restore_program(config, workdir: str, manager, num_classes: int, image_shape,
                     spe: int, total: int, set_aside: bool = True
                     ) -> tuple[TrainState, Program, Callable[[Any], Program]]:
   """The newest intact checkpoint of ``workdir`` (or the initial state) and the program
-  of the model it holds: the model with every block-size candidate, or, after the
-  selection, with the winners recorded in ``selection.json``. Also returns the builder of
-  programs (config -> Program)."""
+  of the model it holds: the model with every block-size candidate; after the selection,
+  with the winners recorded in ``selection.json``; after a switch to block-sparse form,
+  the block-sparse model recorded in ``bsr_finetune.json``. Also returns the builder of
+  programs (``(config, switch=None) -> Program``)."""
   mesh = make_mesh()
-  build = lambda c: build_program(c, num_classes, spe, total, mesh)
+  build = lambda c, switch=None: build_program(c, num_classes, spe, total, mesh, switch)
   program = build(config)
   init = program.steps.put_state(
       create_state(init_variables(program.model, image_shape, config.seed), program.tx))
   choice = _checked_choice(config, workdir, manager, spe)
+  switch = _checked_switch(config, workdir, manager, spe)
+  sparse = []  # the block-sparse program, built when a checkpoint needs it
+
+  def sparse_program() -> Program:
+    if not sparse:
+      sparse.append(build(config, switch))
+    return sparse[0]
 
   def state_at(step: int) -> TrainState:
+    if switch is not None and step >= switch.step:
+      p = sparse_program()
+      return p.steps.put_state(
+          create_state(init_variables(p.model, image_shape, config.seed), p.tx))
     if choice is None or step < choice.step:
       return init
     return without_terms(init, selection.losers(config, choice, init.params))
 
   state = checkpoints.restore_latest(manager, init, set_aside, state_at)
-  if choice is not None and int(state.step) >= choice.step:
+  if switch is not None and int(state.step) >= switch.step:
+    program = sparse_program()
+  elif choice is not None and int(state.step) >= choice.step:
     program = build(selection.with_choice(config, choice))
   return state, program, build
+
+
+def _transitions(config, workdir: str, spe: int, build) -> dict[int, Transition]:
+  """The model changes of the run by step: the block-size selection, then the switch to
+  block-sparse form (both after one step when they coincide)."""
+  out: dict[int, Transition] = {}
+  select_at = selection.boundary_step(config, spe)
+  if select_at is not None:
+    out[select_at] = _selector(config, workdir, build)
+  switch_at = finetune.boundary_step(config, spe)
+  if switch_at is not None:
+    switch, before = _switcher(config, workdir, build), out.get(switch_at)
+    out[switch_at] = switch if before is None else (lambda s: switch(before(s)[0]))
+  return out
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -524,15 +622,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         print(f"Resuming from the checkpoint at step {start} in {workdir}.")
     writer = metric_writers.MetricWriter(workdir, enabled=is_main)
     stack.callback(writer.close)
-    select_at = selection.boundary_step(config, spe)
     state, program = _train(config, program, state, datasets, manager, writer, spe, total,
-                            select_at, _selector(config, workdir, build))
+                            _transitions(config, workdir, spe, build))
     manager.wait_until_finished()
 
     test = evaluate(program.steps, state, datasets.test, config.eval_batch_size)
     summary = {"step": int(state.step), "test/accuracy": test["accuracy"],
                "test/loss": test["loss"], "test/examples": test["examples"],
-               **sparsity_scalars(state.params, state.opt_state)}
+               **program.sparsity_scalars(state)}
     if config.nan_policy == "skip":
       summary["train/skipped_steps"] = int(state.skipped_steps)
     summary = {k: float(v) if not isinstance(v, int) else v for k, v in summary.items()}

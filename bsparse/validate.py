@@ -19,13 +19,14 @@ import jax.numpy as jnp
 import ml_collections
 
 from bsparse import data as data_lib
-from bsparse import kron, models, sparsity
+from bsparse import finetune, kron, models, sparsity
 from bsparse import layers as layers_lib
 from configs import base
 
 SCHEDULES = ("cosine", "constant")
 KERNEL_IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
 NAN_POLICIES = ("stop", "skip")
+PRUNE_SCHEDULES = ("once", "cubic")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 # Sections whose keys are chosen by the user (layer names, model attributes).
 FREE_FORM = ("model_kwargs", "layers.block_shapes", "layers.ranks")
@@ -116,6 +117,8 @@ def _choices() -> dict[str, tuple[str, ...]]:
       "kernels.impl": KERNEL_IMPLS,
       "compute_dtype": COMPUTE_DTYPES,
       "nan_policy": NAN_POLICIES,
+      "sparsity.finetune": finetune.FORMS,
+      "sparsity.prune_schedule": PRUNE_SCHEDULES,
   }
 
 
@@ -129,7 +132,43 @@ def _choice_problems(config) -> list[str]:
   if method in sparsity.METHODS and method != "kpd" and config.layers.kind != "dense":
     problems.append(_problem("layers.kind", config.layers.kind,
                              f"method {method!r} trains dense layers; valid: dense."))
-  return problems
+  return problems + _finetune_problems(config) + _prune_problems(config)
+
+
+def _prune_problems(config) -> list[str]:
+  """Gradual pruning runs from the penalty's start to the freeze."""
+  sp = config.sparsity
+  if sp.get("prune_schedule", "once") != "cubic" or not all(
+      _is_number(v, False) for v in (sp.start_epoch, sp.freeze_epoch)):
+    return []
+  if sp.freeze_epoch <= sp.start_epoch:
+    return [_problem("sparsity.prune_schedule", "cubic", "prunes from sparsity.start_epoch "
+                     f"({sp.start_epoch}) to sparsity.freeze_epoch ({sp.freeze_epoch}): set "
+                     "freeze_epoch > start_epoch, or prune_schedule='once'.")]
+  return []
+
+
+def _finetune_problems(config) -> list[str]:
+  """``sparsity.finetune='bsr'`` converts a KPD model with one block shape per layer at
+  the mask freeze."""
+  sp = config.sparsity
+  if sp.get("finetune", "kpd") != "bsr":
+    return []
+  field, value = "sparsity.finetune", "bsr"
+  if _method(config) != "kpd" or config.layers.kind != "kpd":
+    return [_problem(field, value, "fine-tunes the blocks of KPD layers; it needs "
+                     "method='kpd' and layers.kind='kpd' (or use sparsity.finetune='kpd').")]
+  if not _is_number(sp.freeze_epoch, False) or sp.freeze_epoch < 0:
+    return [_problem(field, value, "switches at the mask freeze: set "
+                     "sparsity.freeze_epoch >= 0.")]
+  several = any(v and not _is_number(v[0], True) and len(v) > 1
+                for v in config.layers.block_shapes.values())
+  select = config.selection.select_epoch
+  if several and not 0 <= select <= sp.freeze_epoch:
+    return [_problem("selection.select_epoch", select, "a layer with several block-size "
+                     "candidates must select one before the switch to block-sparse form: "
+                     f"valid: 0 <= select_epoch <= sparsity.freeze_epoch ({sp.freeze_epoch}).")]
+  return []
 
 
 def _method(config) -> str:
@@ -158,6 +197,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "baseline.target_density": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "baseline.lam": _AT_LEAST_0,
     "baseline.update_every_steps": _AT_LEAST_1,
+    "sparsity.prune_every_steps": _AT_LEAST_1,
     "baseline.drop_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "dataset.val_size": _AT_LEAST_0,
     "log_every_steps": _AT_LEAST_1,
@@ -167,7 +207,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 _INTEGERS = ("seed", "batch_size", "eval_batch_size", "layers.rank", "dataset.val_size",
              "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-             "num_train_steps", "baseline.update_every_steps")
+             "num_train_steps", "baseline.update_every_steps", "sparsity.prune_every_steps")
 
 
 def _is_number(value, integer: bool) -> bool:

@@ -49,7 +49,15 @@ def get_config() -> config_dict.ConfigDict:
   c.sparsity.ramp_epochs = 1.0  # then ramps linearly to lam
   c.sparsity.freeze_epoch = -1.0  # mask fixed from here on (< 0: never)
   c.sparsity.target_density = 1.0  # at the freeze, prune each layer to this block density
+  # once: top-k at the freeze; cubic: from start_epoch to the freeze, every
+  # prune_every_steps, on the cubic schedule of the gradual baseline (Zhu & Gupta).
+  c.sparsity.prune_schedule = "once"
+  c.sparsity.prune_every_steps = 100
   c.sparsity.penalty_after_freeze = False
+  # After the freeze: keep training the factors (kpd: every block stays in the span of the
+  # rank-r basis B_k) or the kept blocks themselves in block-sparse form (bsr: free blocks,
+  # nnz*bm*bn MACs per position; see bsparse/finetune.py).
+  c.sparsity.finetune = "kpd"
 
   # Block-size selection in one run: a layer given several candidate block shapes
   # (layers.block_shapes.<layer> = ((28, 10), (14, 10))) sums one KPD term per candidate.

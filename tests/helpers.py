@@ -1,5 +1,9 @@
 """Shared test helpers."""
 import importlib
+import os
+import shutil
+
+import tensorflow_datasets as tfds
 
 from bsparse import checkpoints, sparsity, train_lib
 
@@ -43,3 +47,33 @@ def tiny(name: str, steps: int = 3, **changes):
     c.model_kwargs.update(dim=32, depth=1, heads=2, mlp_dim=64)
   c.update_from_flattened_dict(changes)
   return c
+
+
+def train(c, workdir, num_examples: int = 48):
+  """``train_and_evaluate`` of a ``tiny`` config on mock data."""
+  with tfds.testing.mock_data(num_examples=num_examples):
+    return train_lib.train_and_evaluate(c, str(workdir))
+
+
+def restored(c, workdir, steps_per_epoch: int = 4):
+  """``(state, program)`` of the newest checkpoint of a ``tiny`` run, as eval.py gets them
+  (the program of the model that checkpoint holds)."""
+  manager = checkpoints.checkpoint_manager(str(workdir), c, read_only=True)
+  try:
+    state, program, _ = train_lib.restore_program(
+        c, str(workdir), manager, 10, (28, 28, 1), steps_per_epoch, c.num_train_steps,
+        set_aside=False)
+  finally:
+    manager.close()
+  return state, program
+
+
+def copy_up_to(src, dst, step: int):
+  """A copy of workdir ``src`` (a pathlib path) as if its run had been killed after
+  saving checkpoint ``step``."""
+  shutil.copytree(src, dst)
+  for name in os.listdir(dst / "checkpoints"):
+    if name.isdigit() and int(name) > step:
+      shutil.rmtree(dst / "checkpoints" / name)
+  os.remove(dst / "summary.json")
+  return dst

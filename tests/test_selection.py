@@ -1,7 +1,6 @@
 """Dropping losing block-size candidates from params, optimizer state and config, and
 doing it inside the training loop (resume on either side of the selection)."""
 import os
-import shutil
 
 import chex
 import jax
@@ -56,27 +55,16 @@ def selecting(steps: int = 10):
   return c
 
 
-def train(c, workdir):
-  with tfds.testing.mock_data(num_examples=48):
-    return train_lib.train_and_evaluate(c, str(workdir))
 
 
-def restored(c, workdir):
-  manager = checkpoints.checkpoint_manager(str(workdir), c, read_only=True)
-  try:
-    state, program, _ = train_lib.restore_program(c, str(workdir), manager, 10, (28, 28, 1),
-                                                  4, c.num_train_steps, set_aside=False)
-  finally:
-    manager.close()
-  return state, program
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """One uninterrupted run of ``selecting()``: (config, workdir, summary, final state)."""
   c, workdir = selecting(), tmp_path_factory.mktemp("reference")
-  summary = train(c, workdir)
-  return c, workdir, summary, restored(c, workdir)[0]
+  summary = helpers.train(c, workdir)
+  return c, workdir, summary, helpers.restored(c, workdir)[0]
 
 
 def test_the_loop_drops_the_losers_and_trains_on(reference):
@@ -85,7 +73,7 @@ def test_the_loop_drops_the_losers_and_trains_on(reference):
   assert choice is not None and choice.step == 5 and set(choice.block_shapes) == {"fc1"}
   kept = layers.term_name(choice.block_shapes["fc1"])
   assert kept in ("kron_28x10", "kron_14x10")
-  state, program = restored(c, workdir)
+  state, program = helpers.restored(c, workdir)
   assert int(state.step) == 10
   assert set(state.params["fc1"]) == {kept, "bias"}
   assert set(sparsity.sparsity_state(state.opt_state).masks) == {f"fc1/{kept}",
@@ -102,41 +90,33 @@ def test_the_loop_drops_the_losers_and_trains_on(reference):
   assert not any(k.startswith("share/") for r in train_rows if r["step"] >= 5 for k in r)
 
 
-def _copy_up_to(src, dst, step: int):
-  """A copy of workdir ``src`` as if its run had been killed after saving ``step``."""
-  shutil.copytree(src, dst)
-  for name in os.listdir(dst / "checkpoints"):
-    if name.isdigit() and int(name) > step:
-      shutil.rmtree(dst / "checkpoints" / name)
-  os.remove(dst / "summary.json")
-  return dst
 
 
 @pytest.mark.parametrize("resume_at", [6, 3])  # after the selection, before it
 def test_resuming_around_the_selection_equals_one_run(reference, tmp_path, resume_at):
   c, workdir, _, final = reference
-  b = _copy_up_to(workdir, tmp_path / "b", resume_at)
+  b = helpers.copy_up_to(workdir, tmp_path / "b", resume_at)
   if resume_at < 5:
     os.remove(b / selection.CHOICE_FILE)
-  train(c, b)
-  chex.assert_trees_all_close(final.params, restored(c, b)[0].params, atol=1e-6)
+  helpers.train(c, b)
+  chex.assert_trees_all_close(final.params, helpers.restored(c, b)[0].params, atol=1e-6)
   assert selection.load_choice(str(b)) == selection.load_choice(str(workdir))
 
 
 def test_checkpoints_after_the_selection_need_their_record(reference, tmp_path):
   c, workdir, _, _ = reference
-  b = _copy_up_to(workdir, tmp_path / "b", 6)
+  b = helpers.copy_up_to(workdir, tmp_path / "b", 6)
   os.remove(b / selection.CHOICE_FILE)
   before = sorted(os.listdir(b / "checkpoints"))
   with pytest.raises(checkpoints.CheckpointError, match="selection.json"):
-    train(c, b)
+    helpers.train(c, b)
   assert sorted(os.listdir(b / "checkpoints")) == before
 
 
 def test_a_layer_whose_candidates_all_collapsed_is_reported(tmp_path, caplog):
   c = selecting(steps=6)
   c.sparsity.lam = 10.0  # every selector is zero after the first steps
-  summary = train(c, tmp_path)
+  summary = helpers.train(c, tmp_path)
   assert "collapsed before the selection" in caplog.text and "fc1/kron_" in caplog.text
   assert caplog.text.count("has no block left") == 2  # fc1 and fc2, once each
   assert summary["density/weights"] == 0.0

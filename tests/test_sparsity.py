@@ -52,25 +52,44 @@ def test_threshold_scales_with_learning_rate():
   np.testing.assert_allclose(updates["fc1"]["kron_3x2"]["S"], -0.25)
 
 
-def test_frozen_mask_stays_frozen_and_target_density_is_exact():
-  params = params_tree()
-  tx = sparsity.block_sparsity(lam=lambda t: 0.0, lr=lambda t: 1.0, lr_peak=1.0,
-                               freeze_step=2, target_density=0.3)
+def random_steps(tx, params, steps: int):
+  """``steps`` updates of ``tx`` with random gradients: final params, the mask after each."""
   state = tx.init(params)
   key = jax.random.key(1)
   masks = []
-  for step in range(6):
+  for _ in range(steps):
     key, sub = jax.random.split(key)
     grads = jax.tree.map(lambda p: jax.random.normal(sub, p.shape), params)
     updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)
     masks.append(np.asarray(state.masks["fc1/kron_3x2"]))
+  return params, masks
+
+
+def test_frozen_mask_stays_frozen_and_target_density_is_exact():
+  tx = sparsity.block_sparsity(lam=lambda t: 0.0, lr=lambda t: 1.0, lr_peak=1.0,
+                               freeze_step=2, target_density=0.3)
+  params, masks = random_steps(tx, params_tree(), 6)
   s = np.asarray(params["fc1"]["kron_3x2"]["S"])
   assert masks[1].all()  # before the freeze nothing was pruned (lam = 0)
   assert masks[2].sum() == 6  # 0.3 * 20 blocks kept at the freeze
   for m in masks[3:]:
     np.testing.assert_array_equal(m, masks[2])  # random updates could not revive a block
   np.testing.assert_array_equal(s == 0, ~masks[2])
+
+
+def test_cubic_pruning_reaches_the_target_gradually_and_never_revives_a_block():
+  tx = sparsity.block_sparsity(lam=lambda t: 0.0, lr=lambda t: 1.0, lr_peak=1.0,
+                               freeze_step=8, target_density=0.25, prune_start=2,
+                               prune_every=2)
+  params, kept = random_steps(tx, params_tree(), 12)
+  counts = [int(m.sum()) for m in kept]
+  # 20 blocks: all until step 2, then floor(20 * d(t)) on the cubic schedule at the
+  # pruning steps 2, 4, 6, 8 (d = 1, 0.47, 0.28, 0.25), then 5 blocks for good.
+  assert counts == [20, 20, 20, 20, 9, 9, 5, 5, 5, 5, 5, 5]
+  for before, after in zip(kept, kept[1:]):
+    assert not (after & ~before).any()  # random updates could not revive a block
+  np.testing.assert_array_equal(np.asarray(params["fc1"]["kron_3x2"]["S"]) == 0, ~kept[-1])
 
 
 def test_target_density_keeps_the_largest_blocks():

@@ -29,16 +29,22 @@ def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path, study_flags):
     study.main([])
   rows = list(json.loads((out / "study.json").read_text())["runs"].values())
   labels = {r["label"] for r in rows}
-  assert labels == {"dense", "kpd r2", "gradual", "fixed 28x10", "fixed 14x10",
-                    "fixed 28x20", "select"}
+  assert labels == {"dense", "kpd r2", "kpd r2 +bsr", "gradual", "fixed 28x10",
+                    "fixed 14x10", "fixed 28x20", "select"}
   by = {r["label"]: r for r in rows}
   assert by["gradual"]["density"] == pytest.approx(0.5, abs=0.02)
   assert by["kpd r2"]["flops"] < by["gradual"]["flops"] == pytest.approx(by["dense"]["flops"])
   assert by["select"]["chosen"]["fc1"] in ([28, 10], [14, 10], [28, 20])
   assert all(r["step_mb"] > r["state_mb"] > 0 for r in rows)
   assert set(by["kpd r2"]["latency_ms"]) == {"dense", "kpd", "bsr"}
+  # After its switch the +bsr run pays nnz*bm*bn per position: at density 0.5 about half
+  # of dense for the sparse layers, whatever the rank.
+  assert by["kpd r2 +bsr"]["density"] == pytest.approx(0.5, abs=0.02)
+  assert by["kpd r2 +bsr"]["flops"] < by["dense"]["flops"]
+  assert set(by["kpd r2 +bsr"]["latency_ms"]) == {"dense", "bsr"}
   text = results.read_text()
   assert "| gradual | 0.5 |" in text and "one-run selection" in text
+  assert "| kpd r2 +bsr | 0.5 |" in text and "kpd r2 +bsr at density 0.5" in text
   assert os.path.exists(tmp_path / "plots" / "mlp_accuracy.png")
   assert "Reproduce with `python -m benchmarks.study" in text
   # A finished run is not trained again (an interrupted study resumes).

@@ -1,0 +1,192 @@
+"""Fine-tuning in block-sparse form after the mask freeze (``sparsity.finetune='bsr'``):
+the switch keeps the function, the loop trains free blocks on, resumes on either side of
+the switch, and eval / export / the report read the block-sparse model."""
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow_datasets as tfds
+
+from bsparse import (checkpoints, data, export, finetune, metric_writers, report, sparsity,
+                     train_lib, validate)
+from tests import helpers
+
+
+def _zero_some_selectors(params, key, keep: float = 0.4):
+  """``params`` with about ``1 - keep`` of every selector's entries set to zero."""
+  def visit(node, key):
+    if not hasattr(node, "items"):
+      return node
+    out = {}
+    for i, (k, v) in enumerate(sorted(node.items())):
+      sub = jax.random.fold_in(key, i)
+      if k == "S":
+        out[k] = v * (jax.random.uniform(sub, v.shape) < keep)
+      else:
+        out[k] = visit(v, sub)
+    return out
+  return visit(params, key)
+
+
+@pytest.mark.parametrize("name,shape", [("mlp_fmnist", (3, 28, 28, 1)),
+                                        ("cnn_fmnist", (2, 28, 28, 1))])
+def test_the_switch_keeps_the_function(name, shape):
+  c = helpers.tiny(name, 2)
+  model = train_lib.build_model(c, 10)
+  x = jax.random.normal(jax.random.key(1), shape)
+  params = model.init(jax.random.key(0), x)["params"]
+  params = jax.device_get(_zero_some_selectors(params, jax.random.key(2)))
+  switch, bsr_params = finetune.switch_from_params(params, step=7)
+  assert switch.step == 7
+  sparse_layers = {"mlp_fmnist": {"fc1", "fc2"}, "cnn_fmnist": {"conv2", "fc1"}}[name]
+  assert set(switch.layers) == sparse_layers
+  for layer in sparse_layers:
+    term = next(iter(params[layer][k] for k in params[layer] if k.startswith("kron_")))
+    assert switch.layers[layer]["nnz"] == int((np.asarray(term["S"]) != 0).sum())
+  assert switch.scalars["density/weights"] == pytest.approx(
+      float(sparsity.weight_density(params)))
+  bsr_model = train_lib.build_model(c, 10, switch)
+  want = model.apply({"params": params}, x)
+  got = bsr_model.apply({"params": bsr_params, **switch.index()}, x)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_continue_schedules_restarts_the_moments_but_not_the_learning_rate():
+  lr = optax.linear_schedule(1.0, 0.0, 100)
+  tx = optax.adamw(lr, weight_decay=0.0)
+  params = {"w": jnp.ones((3,))}
+  state = finetune.continue_schedules(tx.init(params), 40)
+  adam = next(s for s in jax.tree.leaves(
+      state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+              if isinstance(s, optax.ScaleByAdamState))
+  assert int(adam.count) == 0
+  updates, _ = tx.update({"w": jnp.ones((3,))}, state, params)
+  # Adam's first step is -1 per coordinate (bias-corrected), times lr(40) = 0.6.
+  np.testing.assert_allclose(updates["w"], -0.6 * np.ones(3), rtol=1e-3)
+
+
+# --------------------------------------------------------------------------- in the loop
+
+
+def switching(steps: int = 10):
+  """Tiny MLP, rank 2, 4 steps per epoch: the mask freezes in the update of step 5
+  (freeze_step 4) and checkpoint 5 holds the block-sparse model."""
+  return helpers.tiny("mlp_fmnist", steps, **{
+      "layers.rank": 2, "sparsity.freeze_epoch": 1.0, "sparsity.target_density": 0.3,
+      "sparsity.finetune": "bsr", "checkpoint_every_steps": 3, "keep_checkpoints": 20})
+
+
+
+
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """One uninterrupted run of ``switching()``: (config, workdir, summary, final state)."""
+  c, workdir = switching(), tmp_path_factory.mktemp("reference")
+  summary = helpers.train(c, workdir)
+  return c, workdir, summary, helpers.restored(c, workdir)[0]
+
+
+def _stored_blocks(state, program, layer):
+  nnz = int(program.consts["bsr_index"][layer]["nnz"])
+  return np.asarray(state.params[layer]["blocks"])[:nnz]
+
+
+def test_the_loop_switches_and_trains_the_free_blocks(reference, tmp_path):
+  c, workdir, summary, _ = reference
+  record = finetune.load_switch(str(workdir))
+  assert record is not None and record.step == 5 and set(record.layers) == {"fc1", "fc2"}
+  # fc1: 784x40 with 28x10 blocks is a 28x4 grid; 30% of it is 33 blocks.
+  assert record.layers["fc1"]["nnz"] == 33 and record.layers["fc1"]["block_shape"] == [28, 10]
+  state, program = helpers.restored(c, workdir)
+  assert int(state.step) == 10 and program.switch == record
+  assert set(state.params["fc1"]) == {"blocks", "bias"}
+  assert state.params["fc1"]["blocks"].shape == (33, 28, 10)
+  assert summary["density/fc1/kron_28x10"] == pytest.approx(33 / 112)
+  # At the switch every block is a combination of the rank-2 basis B; five free steps
+  # later the blocks span more than two dimensions.
+  at_switch, _ = helpers.restored(c, helpers.copy_up_to(workdir, tmp_path / "at5", 5))
+  rank = lambda s: np.linalg.matrix_rank(_stored_blocks(s, program, "fc1").reshape(33, -1),
+                                         tol=1e-5)
+  assert rank(at_switch) <= 2 < rank(state)
+  # The optimizer restarted its moments at the switch; the schedule went on.
+  kinds = (optax.ScaleByAdamState, optax.ScaleByScheduleState)
+  counts = {type(s).__name__: int(s.count) for s in jax.tree.leaves(
+      state.opt_state, is_leaf=lambda s: isinstance(s, kinds)) if isinstance(s, kinds)}
+  assert counts["ScaleByAdamState"] == 5 and counts["ScaleByScheduleState"] == 10
+  with tfds.testing.mock_data(num_examples=48):
+    test = data.get_datasets(c).test
+  assert train_lib.evaluate(program.steps, state, test, 16)["accuracy"] == pytest.approx(
+      summary["test/accuracy"])
+  rows = [r for r in metric_writers.read_metrics(str(workdir)) if "train/loss" in r]
+  assert all(np.isfinite(r["train/loss"]) for r in rows)
+  assert [r["density/weights"] for r in rows if r["step"] >= 5] == [
+      record.scalars["density/weights"]] * 6
+
+
+def test_eval_forms_of_the_block_sparse_model_agree(reference, tmp_path):
+  c, workdir, _, _ = reference
+  state, program = helpers.restored(c, workdir)
+  variables = jax.device_get(program.variables(state))
+  forms = export.serving_forms(program.model, variables, (1, 28, 28, 1))
+  assert set(forms) == {"bsr", "dense"}
+  x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+  outs = {k: m.apply(v, x) for k, (m, v) in forms.items()}
+  np.testing.assert_allclose(outs["dense"], outs["bsr"], rtol=1e-4, atol=1e-4)
+  rows = {r["layer"]: r for r in report.layer_table(program.model, variables, (1, 28, 28, 1))}
+  assert rows["fc1"]["block"] == "28x10 bsr" and rows["fc1"]["density"] == pytest.approx(33 / 112)
+  assert rows["fc1"]["bsr_macs"] == 33 * 28 * 10 and rows["head"]["block"] == "dense"
+  export.save_blocks(variables["params"], str(tmp_path / "blocks.npz"), variables["bsr_index"])
+  saved = np.load(tmp_path / "blocks.npz")
+  assert saved["fc1/bsr/blocks"].shape == (33, 28, 10)
+  dense_kernel = forms["dense"][1]["params"]["fc1"]["kernel"]
+  r, col = saved["fc1/bsr/rows"][0], saved["fc1/bsr/cols"][0]
+  np.testing.assert_array_equal(dense_kernel[28 * r:28 * (r + 1), 10 * col:10 * (col + 1)],
+                                saved["fc1/bsr/blocks"][0])
+
+
+
+
+@pytest.mark.parametrize("resume_at", [6, 3])  # after the switch, before it
+def test_resuming_around_the_switch_equals_one_run(reference, tmp_path, resume_at):
+  c, workdir, _, final = reference
+  b = helpers.copy_up_to(workdir, tmp_path / "b", resume_at)
+  if resume_at < 5:
+    os.remove(b / finetune.RECORD_FILE)
+  helpers.train(c, b)
+  chex.assert_trees_all_close(final.params, helpers.restored(c, b)[0].params, atol=1e-6)
+  assert finetune.load_switch(str(b)) == finetune.load_switch(str(workdir))
+
+
+def test_checkpoints_after_the_switch_need_their_record(reference, tmp_path):
+  c, workdir, _, _ = reference
+  b = helpers.copy_up_to(workdir, tmp_path / "b", 6)
+  os.remove(b / finetune.RECORD_FILE)
+  before = sorted(os.listdir(b / "checkpoints"))
+  with pytest.raises(checkpoints.CheckpointError, match=finetune.RECORD_FILE):
+    helpers.train(c, b)
+  assert sorted(os.listdir(b / "checkpoints")) == before
+  (b / finetune.RECORD_FILE).write_text("{not json")
+  with pytest.raises(checkpoints.CheckpointError, match="unreadable"):
+    helpers.train(c, b)
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"method": "gradual", "layers.kind": "dense"}, "needs method='kpd'"),
+    ({"sparsity.freeze_epoch": -1.0}, "set sparsity.freeze_epoch >= 0"),
+    ({"layers.block_shapes.fc1": ((28, 10), (14, 10)), "selection.select_epoch": 2.0},
+     "must select one before the switch"),
+    ({"sparsity.finetune": "csr"}, "valid: kpd, bsr"),
+    ({"sparsity.prune_schedule": "cubic", "sparsity.start_epoch": 1.0},
+     "set freeze_epoch > start_epoch"),
+])
+def test_bad_finetune_and_pruning_settings_are_named(changes, match):
+  c = switching()
+  c.update_from_flattened_dict(changes)
+  with pytest.raises(validate.ConfigError, match=match):
+    validate.validate_config(c, train_lib.build_model)
