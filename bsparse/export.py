@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bsparse import kron, sparsity
+from bsparse.kernels import bsr as bsr_lib
 from bsparse.kernels import convert
 from bsparse.kernels.layers import INDEX_COLLECTION
 
@@ -41,16 +42,13 @@ def dense_params(params):
 
 def bsr_kernel(blocks, index, kernel_shape) -> jax.Array:
   """The dense ``kernel`` ``(*taps, m, n)`` of a block-sparse layer: its stored ``blocks``
-  ``(nnz_max, *taps, bm, bn)`` placed at ``index['rows'], index['cols']`` of the block grid."""
-  *taps, m, n = kernel_shape
-  bm, bn = blocks.shape[-2:]
-  valid = jnp.arange(blocks.shape[0]) < index["nnz"]
-  blocks = jnp.where(valid.reshape(-1, *[1] * (blocks.ndim - 1)), blocks, 0)
-  grid = jnp.zeros((*taps, m // bm, n // bn, bm, bn), blocks.dtype)
-  grid = grid.at[..., index["rows"], index["cols"], :, :].add(
-      jnp.moveaxis(blocks, 0, len(taps)))
-  k = len(taps)
-  return jnp.moveaxis(grid, k + 2, k + 1).reshape(kernel_shape)
+  ``(nnz_max, *taps, bm, bn)`` placed at ``index['rows'], index['cols']`` of the block
+  grid, one ``BSR.to_dense`` per tap."""
+  *_, m, n = kernel_shape
+  per_tap = jnp.moveaxis(blocks.reshape(blocks.shape[0], -1, *blocks.shape[-2:]), 1, 0)
+  to_dense = lambda b: bsr_lib.from_indices(b, index["rows"], index["cols"], index["nnz"],
+                                            (m, n)).to_dense()
+  return jax.vmap(to_dense)(per_tap).reshape(kernel_shape)
 
 
 def bsr_dense_params(dense_model: nn.Module, variables, input_shape):

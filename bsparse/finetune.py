@@ -81,14 +81,6 @@ class Switch:
     return {INDEX_COLLECTION: tu.unflatten_dict(flat)}
 
 
-def density_scalars(params) -> dict[str, float]:
-  """``{'density/<layer>/<term>': ..., 'density/weights': ...}`` of a KPD params tree."""
-  out = {f"density/{k}": float(v) for k, v in sparsity.block_density(params).items()}
-  if out:
-    out["density/weights"] = float(sparsity.weight_density(params))
-  return out
-
-
 def switch_from_params(params, step: int) -> tuple[Switch, dict[str, Any]]:
   """The switch for a KPD params tree (host arrays) at ``step``, and the params of the
   block-sparse model (the KPD layers' nonzero blocks; other entries unchanged)."""
@@ -102,7 +94,8 @@ def switch_from_params(params, step: int) -> tuple[Switch, dict[str, Any]]:
                     "rows": np.asarray(index[path + ("rows",)]).tolist(),
                     "cols": np.asarray(index[path + ("cols",)]).tolist(),
                     "nnz": int(index[path + ("nnz",)])}
-  return Switch(step, layers, density_scalars(params)), converted["params"]
+  scalars = {k: float(v) for k, v in sparsity.density_scalars(params).items()}
+  return Switch(step, layers, scalars), converted["params"]
 
 
 def continue_schedules(opt_state, step: int):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bsparse import kron
+from bsparse.kernels.layers import INDEX_COLLECTION
 
 
 def io_shapes(model: nn.Module, variables, input_shape) -> dict[tuple[str, ...], tuple]:
@@ -50,6 +51,11 @@ def kpd_macs(m1: int, m2: int, n1: int, n2: int, rank: int, taps: int, nnz: int,
   return min(kron.conv_costs(m1, m2, n1, n2, rank, taps, in_pos, out_pos).values())
 
 
+def _bsr_costs(nnz: int, taps: int, bm: int, bn: int, out_pos: int) -> tuple[int, int]:
+  """``(params, forward MACs per example)`` of ``nnz`` stored blocks (+ their indices)."""
+  return nnz * taps * bm * bn + 2 * nnz, out_pos * nnz * taps * bm * bn
+
+
 def _kpd_row(terms: dict, in_pos: int, out_pos: int) -> dict:
   shapes, ranks, nnz, grid, params, macs, bsr_params, bsr_macs = [], [], 0, 0, 0, 0, 0, 0
   for t in terms.values():
@@ -64,8 +70,8 @@ def _kpd_row(terms: dict, in_pos: int, out_pos: int) -> dict:
     grid += s.size
     params += kron.kpd_params(m1, m2, n1, n2, r, taps)
     macs += kpd_macs(m1, m2, n1, n2, r, taps, k, in_pos, out_pos)
-    bsr_params += k * taps * m2 * n2 + 2 * k
-    bsr_macs += out_pos * k * taps * m2 * n2
+    p, c = _bsr_costs(k, taps, m2, n2, out_pos)
+    bsr_params, bsr_macs = bsr_params + p, bsr_macs + c
   return dict(block="+".join(shapes), rank="+".join(map(str, ranks)),
               density=nnz / max(grid, 1), kpd_params=params, kpd_macs=macs,
               bsr_params=bsr_params, bsr_macs=bsr_macs)
@@ -75,9 +81,7 @@ def _bsr_row(blocks, nnz: int, m: int, n: int, out_pos: int) -> dict:
   """A block-sparse layer: it has no factored form, so its ``kpd_*`` columns repeat the
   block-sparse costs."""
   bm, bn = blocks.shape[-2:]
-  taps = int(math.prod(blocks.shape[1:-2]))
-  params = nnz * taps * bm * bn + 2 * nnz
-  macs = out_pos * nnz * taps * bm * bn
+  params, macs = _bsr_costs(nnz, int(math.prod(blocks.shape[1:-2])), bm, bn, out_pos)
   return dict(block=f"{bm}x{bn} bsr", rank="-", density=nnz / max((m // bm) * (n // bn), 1),
               kpd_params=params, kpd_macs=macs, bsr_params=params, bsr_macs=macs)
 
@@ -86,7 +90,7 @@ def layer_table(model: nn.Module, variables, input_shape) -> list[dict]:
   """One row per weight layer (dense, KPD or block-sparse) with costs per example."""
   shapes = io_shapes(model, variables, input_shape)
   flat = tu.flatten_dict(variables["params"])
-  index = tu.flatten_dict(variables.get("bsr_index", {}))
+  index = tu.flatten_dict(variables.get(INDEX_COLLECTION, {}))
   layers: dict[tuple, dict] = {}
   for path, leaf in flat.items():
     if path[-1] in ("kernel", "blocks"):

@@ -66,6 +66,14 @@ def block_density(params) -> dict[str, jax.Array]:
   return {"/".join(p): kron.density(flat[p + ("S",)]) for p in term_paths(params)}
 
 
+def density_scalars(params) -> dict[str, jax.Array]:
+  """``{'density/<layer>/<term>': ..., 'density/weights': ...}`` of the KPD terms."""
+  out = {f"density/{k}": v for k, v in block_density(params).items()}
+  if out:
+    out["density/weights"] = weight_density(params)
+  return out
+
+
 def weight_density(params) -> jax.Array:
   """Fraction of weight entries inside nonzero blocks, over all KPD terms."""
   flat = tu.flatten_dict(params)

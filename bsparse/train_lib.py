@@ -190,11 +190,7 @@ class Program:
   schedules: tuple[Any, Any]  # (lr, lam): step -> value
   steps: Steps
   switch: finetune.Switch | None = None
-
-  @property
-  def consts(self) -> dict:
-    """The model's variables besides params and batch statistics (block indices)."""
-    return self.switch.index() if self.switch is not None else {}
+  consts: dict = dataclasses.field(default_factory=dict)  # block indices after the switch
 
   def variables(self, state: TrainState) -> dict:
     """The ``variables`` argument of ``self.model.apply`` for ``state``."""
@@ -214,10 +210,10 @@ def build_program(config, num_classes: int, steps_per_epoch: int, total: int,
                   mesh, switch: finetune.Switch | None = None) -> Program:
   model = build_model(config, num_classes, switch)
   tx, lr_fn, lam_fn = sparsity.make_optimizer(config, steps_per_epoch, total)
-  consts = switch.index() if switch is not None else None
+  consts = switch.index() if switch is not None else {}
   steps = Steps(model, tx, num_classes, mesh, config.label_smoothing, config.nan_policy,
                 consts)
-  return Program(model, tx, (lr_fn, lam_fn), steps, switch)
+  return Program(model, tx, (lr_fn, lam_fn), steps, switch, consts)
 
 
 def without_terms(state: TrainState, dead: list[tuple[str, ...]]) -> TrainState:
@@ -329,10 +325,8 @@ def sparsity_scalars(params, opt_state) -> dict[str, float]:
   """Block density per KPD term or per masked layer of a baseline, and over all weights;
   for layers with several block-size candidates, each candidate's share of the layer's
   weight norm (``share/<layer>/<term>``)."""
-  out = {f"density/{k}": v for k, v in sparsity.block_density(params).items()}
+  out = sparsity.density_scalars(params)
   out.update({f"share/{k}": v for k, v in sparsity.candidate_share_scalars(params).items()})
-  if out:
-    out["density/weights"] = sparsity.weight_density(params)
   out.update({f"density/{k}": v for k, v in baselines.block_density(params, opt_state).items()})
   return out
 
