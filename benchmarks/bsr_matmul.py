@@ -5,10 +5,14 @@ r"""Block-sparse matmul (``bsr_matmul``) against dense ``jnp.dot`` and ``jax.exp
 
 For every ``(M, K=N, dtype, pass)`` group the dense product, the BSR product for each
 (block size, density) and, for the f32 forward, the BCSR product are compiled first and
-then timed side by side in interleaved rounds; each time is the minimum over rounds.
+then timed side by side in interleaved rounds; each time is the minimum over rounds of
+the mean over back-to-back calls (as many as take about ``--min_round_ms``).
 Masks are random with exactly ``round(density * blocks)`` nonzero blocks. ``pass`` is
 ``fwd`` (``x @ W``) or ``fwd+bwd`` (value and gradients w.r.t. ``x`` and the weight).
-``ideal`` is ``1 / density``; ``% ideal`` is the BSR speedup over dense as a fraction of it.
+``--impl`` picks the ``bsr_matmul`` implementation (default: by backend, ``cpu`` on a
+CPU); unless that is ``xla``, the XLA-ops path is timed in the same rounds too (``XLA-ops
+ms``). ``ideal`` is ``1 / density``; ``% ideal`` is the BSR speedup over dense as a
+fraction of it.
 Rounds during which other processes used more than ``--max_other_load`` of the CPUs are
 repeated (up to ``--max_tries``) so a shared machine does not skew the ratios; ``load`` is
 the largest share of the CPUs other processes used in the rounds a row is based on
@@ -36,6 +40,8 @@ _DENSITIES = flags.DEFINE_list("densities", None, "Block densities (default: .05
 _DTYPES = flags.DEFINE_list("dtypes", None, "dtypes (default: float32,bfloat16).")
 _PASSES = flags.DEFINE_list("passes", None, "fwd and/or fwd+bwd (default: both).")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds per group (minimum is reported).")
+_MIN_ROUND_MS = flags.DEFINE_float("min_round_ms", 20.0,
+                                   "Repeat each product in a round to last about this long.")
 _IMPL = flags.DEFINE_string("impl", None, "bsr_matmul implementation (default: auto).")
 _BCSR_MAX = flags.DEFINE_float("bcsr_max_macs", 1e9,
                                "Skip BCSR where nnz elements * M exceeds this.")
@@ -69,11 +75,11 @@ def dense_fn(pass_):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
-def bsr_fn(pass_):
+def bsr_fn(pass_, impl):
   if pass_ == "fwd":
-    return jax.jit(lambda x, w: ops.bsr_matmul(x, w, impl=_IMPL.value))
+    return jax.jit(lambda x, w: ops.bsr_matmul(x, w, impl=impl))
   def loss(x, blocks, w, ct):
-    return jnp.vdot(ops.bsr_matmul(x, w.replace(blocks=blocks), impl=_IMPL.value), ct)
+    return jnp.vdot(ops.bsr_matmul(x, w.replace(blocks=blocks), impl=impl), ct)
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
@@ -101,10 +107,18 @@ class LoadMeter:
     return max(0.0, ((b1 - b0) - (s1 - s0)) / self.tick / max(w1 - w0, 1e-3) / self.cores)
 
 
-def timed(f, args) -> float:
+def timed(f, args, calls: int = 1) -> float:
+  """Mean seconds per call over ``calls`` back-to-back calls."""
   t = time.perf_counter()
-  jax.block_until_ready(f(*args))
-  return time.perf_counter() - t
+  for _ in range(calls):
+    out = f(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t) / calls
+
+
+def calls_for(f, args) -> int:
+  """Back-to-back calls that take about ``--min_round_ms`` (sub-ms products are noisy)."""
+  return max(1, min(100, round(_MIN_ROUND_MS.value / 1e3 / max(timed(f, args), 1e-6))))
 
 
 def run_group(cases, meter):
@@ -119,12 +133,13 @@ def run_group(cases, meter):
   """
   for f, args in cases.values():
     jax.block_until_ready(f(*args))
+  calls = {k: calls_for(f, args) for k, (f, args) in cases.items()}
   rounds, start = [], time.time()
   for _ in range(_MAX_TRIES.value):
     if len(rounds) >= _ROUNDS.value and time.time() - start > _GROUP_SECONDS.value:
       break
     meter.start()
-    times = {k: timed(f, args) for k, (f, args) in cases.items()}
+    times = {k: timed(f, args, calls[k]) for k, (f, args) in cases.items()}
     rounds.append((meter.other(), times))
     if sum(load <= _MAX_OTHER.value for load, _ in rounds) >= _ROUNDS.value:
       break
@@ -145,7 +160,9 @@ def group_cases(rng, m, kn, dtype, pass_, grid):
     for density in grid["densities"]:
       w = random_bsr(rng, kn, kn, block, density, dtype)
       args = (x, w) if pass_ == "fwd" else (x, w.blocks, w, ct)
-      cases[("bsr", block, density)] = (bsr_fn(pass_), args)
+      cases[("bsr", block, density)] = (bsr_fn(pass_, _IMPL.value), args)
+      if ops.resolve_impl(_IMPL.value, w, dtype) != "xla":
+        cases[("xla", block, density)] = (bsr_fn(pass_, "xla"), args)
       d = int(w.nnz) / (w.grid[0] * w.grid[1])
       meta[(block, density)] = d
       nse = int(w.nnz) * block * block
@@ -181,11 +198,12 @@ def main(argv):
   grid = make_grid()
   rng = np.random.default_rng(0)
   meter = LoadMeter()
-  header = ("| M | K=N | dtype | pass | block | density | dense ms | BSR ms | BCSR ms "
-            "| speedup | ideal | % ideal | load |")
-  rows, even, loads = [header, "|" + "---|" * 13], {}, []
+  probe = bsr.from_dense(jnp.ones((32, 32)), (32, 32))
+  header = ("| M | K=N | dtype | pass | block | density | dense ms | BSR ms | XLA-ops ms "
+            "| BCSR ms | speedup | ideal | % ideal | load |")
+  rows, even, loads = [header, "|" + "---|" * 14], {}, []
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
-        f"{os.cpu_count()} CPUs, impl {_IMPL.value or 'auto'}")
+        f"{os.cpu_count()} CPUs, impl {ops.resolve_impl(_IMPL.value, probe, jnp.float32)}")
   print(header)
   for m in grid["m"]:
     for kn in grid["kn"]:
@@ -197,11 +215,14 @@ def main(argv):
           for (block, density), d in meta.items():
             t_dense, t_bsr = best["dense"], best[("bsr", block, density)]
             t_bcsr = best.get(("bcsr", block, density))
+            t_xla = best.get(("xla", block, density))
             speedup = t_dense / t_bsr
             even.setdefault((m, kn, dtype, pass_, block), []).append((d, speedup))
             bcsr_ms = f"{1e3 * t_bcsr:.2f}" if t_bcsr else "skipped"
+            xla_ms = f"{1e3 * t_xla:.2f}" if t_xla else "-"
             row = (f"| {m} | {kn} | {dtype} | {pass_} | {block} | {100 * d:.1f}% "
-                   f"| {1e3 * t_dense:.2f} | {1e3 * t_bsr:.2f} | {bcsr_ms} | {speedup:.2f}x "
+                   f"| {1e3 * t_dense:.2f} | {1e3 * t_bsr:.2f} | {xla_ms} | {bcsr_ms} "
+                   f"| {speedup:.2f}x "
                    f"| {1 / d:.1f}x | {100 * speedup * d:.0f}% | {load:.2f} |")
             rows.append(row)
             print(row, flush=True)

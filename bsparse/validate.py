@@ -24,7 +24,7 @@ from bsparse import layers as layers_lib
 from configs import base
 
 SCHEDULES = ("cosine", "constant")
-KERNEL_IMPLS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
+KERNEL_IMPLS = ("auto", "xla", "cpu", "pallas_tpu", "pallas_gpu")
 NAN_POLICIES = ("stop", "skip")
 PRUNE_SCHEDULES = ("once", "cubic")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")

@@ -84,7 +84,7 @@ def get_config() -> config_dict.ConfigDict:
   c.baseline.drop_fraction = 0.3  # set/rigl: share of active blocks replaced, cosine to 0
 
   c.kernels = config_dict.ConfigDict()
-  c.kernels.impl = "auto"  # auto | xla | pallas_tpu | pallas_gpu
+  c.kernels.impl = "auto"  # auto | xla | cpu | pallas_tpu | pallas_gpu
 
   c.log_every_steps = 50
   c.eval_every_epochs = 1.0

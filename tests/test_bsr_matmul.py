@@ -1,7 +1,8 @@
 """bsr_matmul: every implementation against a dense reference, forward and gradients.
 
 Pallas kernels run in interpret mode on CPU; ``jax.export`` lowers them for TPU (Mosaic)
-and CUDA (Triton) without the hardware.
+and CUDA (Triton) without the hardware. The C++ CPU kernels are compiled by the test
+setup (``scripts/setup.sh``) or on first use.
 """
 import chex
 import jax
@@ -9,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bsparse.kernels import bsr, ops, pallas_gpu
+from bsparse.kernels import bsr, cpu, ops, pallas_gpu
 
-IMPLS = ["xla", "pallas_tpu", "pallas_gpu"]
+IMPLS = ["xla", "cpu", "pallas_tpu", "pallas_gpu"]
 
 
 def mask_empty_row_and_col():
@@ -121,7 +122,9 @@ def test_mask_change_does_not_recompile():
 def test_dispatch_auto_and_fallback():
   w = make("full")
   assert jax.default_backend() == "cpu"
-  assert ops.resolve_impl(None, w, jnp.float32) == "xla"
+  assert ops.resolve_impl(None, w, jnp.float32) == "cpu"
+  assert ops.resolve_impl("xla", w, jnp.float32) == "xla"
+  assert ops.resolve_impl("cpu", w, jnp.int32) == "xla"
   # 8x8 blocks meet neither kernel's constraints: fall back unless interpreting.
   assert ops.resolve_impl("pallas_tpu", w, jnp.float32) == "xla"
   assert ops.resolve_impl("pallas_gpu", w, jnp.float32) == "xla"
@@ -146,6 +149,42 @@ def test_process_setting_forces_an_implementation(monkeypatch):
   assert len(calls) == 1
   with pytest.raises(ValueError, match="unknown bsr_matmul impl 'cuda'"):
     ops.set_impl("cuda")
+
+
+@pytest.mark.parametrize("block_shape,lead", [((7, 29), (300,)), ((32, 16), (3, 70))])
+def test_cpu_kernel_tiles_and_tails(block_shape, lead):
+  """Row tiles (6, split 7-9 rows), 16/8/4/1-wide column chunks, several row ranges and
+  depth tiles of the weight gradient (more than 256 rows of x)."""
+  bm, bn = block_shape
+  mask = np.random.default_rng(3).random((3, 4)) < 0.6
+  w = bsr.from_dense(jnp.asarray(np.random.default_rng(4).standard_normal((3 * bm, 4 * bn)),
+                                 jnp.float32), block_shape, nnz_max=12, mask=jnp.asarray(mask))
+  for transpose in (False, True):
+    x, ct = inputs(w, transpose, lead=lead)
+    (_, y), (dx, dblocks) = grads(loss_sparse("cpu", transpose), x, w, ct)
+    (_, y_ref), (dx_ref, dblocks_ref) = grads(loss_dense(transpose), x, w, ct)
+    chex.assert_trees_all_close((y, dx, dblocks), (y_ref, dx_ref, dblocks_ref),
+                                rtol=1e-4, atol=1e-3)
+
+
+def test_cpu_kernel_rejects_out_of_range_blocks():
+  w = make("full")
+  bad = w.replace(rows=w.rows.at[0].set(5))
+  with pytest.raises(Exception, match="block index out of range"):
+    jax.block_until_ready(ops.bsr_matmul(jnp.ones((2, w.shape[0])), bad, impl="cpu"))
+
+
+def test_cpu_kernels_fall_back_without_a_compiler(monkeypatch, tmp_path):
+  monkeypatch.setenv("BSPARSE_CACHE", str(tmp_path))
+  monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+  with pytest.raises(cpu.BuildError, match="compiling cpu_kernels.cc failed"):
+    cpu.build()
+  assert not list(tmp_path.glob("*.so"))
+  monkeypatch.setattr(cpu, "available", lambda: False)
+  w = make("full")
+  assert ops.resolve_impl(None, w, jnp.float32) == "xla"
+  x = jnp.ones((3, w.shape[0]))
+  np.testing.assert_allclose(ops.bsr_matmul(x, w), x @ w.to_dense(), rtol=1e-5, atol=1e-5)
 
 
 def test_shape_mismatch_is_an_error():

@@ -8,13 +8,14 @@
 - ``dW`` only for the stored blocks: block ``k`` is ``x[:, rows[k]].T @ dy[:, cols[k]]``
   (a sampled dense-dense product), zero for padding entries; indices get no gradient.
 
-Implementations: ``'xla'`` (plain XLA ops, any backend), ``'pallas_tpu'`` (Mosaic),
-``'pallas_gpu'`` (Triton). ``impl=None`` or ``'auto'`` takes the process-wide setting
-(``set_impl`` / ``use_impl``, e.g. from a ``kernels.impl`` config flag) and, when that is
-``'auto'`` too, picks by ``jax.default_backend()``: tpu -> pallas_tpu, gpu -> pallas_gpu,
-otherwise xla. A Pallas choice falls back to ``'xla'`` when the kernel's shape
-constraints are not met (``resolve_impl`` says what will run), except in interpret mode,
-where the Pallas kernels run on any backend and any block shape (for tests).
+Implementations: ``'xla'`` (plain XLA ops, any backend), ``'cpu'`` (fused C++ kernels
+through XLA FFI, compiled on first use), ``'pallas_tpu'`` (Mosaic), ``'pallas_gpu'``
+(Triton). ``impl=None`` or ``'auto'`` takes the process-wide setting (``set_impl`` /
+``use_impl``, e.g. from a ``kernels.impl`` config flag) and, when that is ``'auto'`` too,
+picks by ``jax.default_backend()``: tpu -> pallas_tpu, gpu -> pallas_gpu, cpu -> cpu.
+A choice falls back to ``'xla'`` when its constraints are not met (Pallas block shapes,
+no C++ compiler for ``'cpu'``; ``resolve_impl`` says what will run), except in interpret
+mode, where the Pallas kernels run on any backend and any block shape (for tests).
 Accumulation is f32; the output has ``x.dtype``.
 """
 from __future__ import annotations
@@ -28,10 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from bsparse.kernels import bsr as bsr_lib
-from bsparse.kernels import pallas_gpu, pallas_tpu, xla
+from bsparse.kernels import cpu, pallas_gpu, pallas_tpu, xla
 
-IMPLS = {"xla": xla, "pallas_tpu": pallas_tpu, "pallas_gpu": pallas_gpu}
-_BY_BACKEND = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}
+IMPLS = {"xla": xla, "cpu": cpu, "pallas_tpu": pallas_tpu, "pallas_gpu": pallas_gpu}
+_BY_BACKEND = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cpu": "cpu"}
 
 
 @dataclasses.dataclass
@@ -79,7 +80,7 @@ def resolve_impl(impl: str | None, w: bsr_lib.BSR, dtype, interpret: bool = Fals
     impl = _SETTINGS.impl
   if impl == "auto":
     impl = _BY_BACKEND.get(jax.default_backend(), "xla")
-  if interpret or IMPLS[impl].supports(w, dtype):
+  if (interpret and impl.startswith("pallas")) or IMPLS[impl].supports(w, dtype):
     return impl
   return "xla"
 
@@ -92,7 +93,7 @@ def bsr_matmul(x: jax.Array, w: bsr_lib.BSR, transpose: bool = False,
     x: ``(..., m)`` (``(..., n)`` when transposed) for ``W`` of shape ``(m, n)``.
     w: the ``BSR`` weight.
     transpose: multiply by ``W.T``.
-    impl: ``None``/``'auto'``, ``'xla'``, ``'pallas_tpu'`` or ``'pallas_gpu'``.
+    impl: ``None``/``'auto'``, ``'xla'``, ``'cpu'``, ``'pallas_tpu'`` or ``'pallas_gpu'``.
     interpret: run Pallas kernels in interpret mode; defaults to the process setting.
   Returns:
     ``(..., n)`` (``(..., m)`` when transposed) in ``x.dtype``.

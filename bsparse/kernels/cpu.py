@@ -1,0 +1,152 @@
+"""CPU implementation of the block-sparse products: fused C++ kernels behind XLA FFI.
+
+The kernels (``cpu_kernels.cc``) read the input blocks in place and accumulate every
+stored block of an output tile in registers, so the gather and scatter that dominate the
+``xla`` path on a CPU are gone. They compute in float32 (bf16 inputs are widened, the
+output has ``x.dtype``) on the XLA CPU client's intra-op thread pool.
+
+The shared library is compiled on first use with the system C++ compiler (``$CXX`` or
+``c++``; ``-O3 -march=native``) against the FFI headers shipped with jaxlib, and cached in
+``$BSPARSE_CACHE`` (default ``~/.cache/bsparse``) under a key of the source, the flags,
+the jaxlib version and the CPU's instruction set. ``scripts/setup.sh`` builds it ahead of
+time (``cpu.build()``). Without a compiler ``supports`` is False and the
+dispatch in ``ops`` uses the ``xla`` path instead (with one warning naming the cause).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+from bsparse.kernels import bsr as bsr_lib
+
+SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
+TARGETS = {"bsparse_bsr_matmul": "BsrMatmul", "bsparse_bsr_sddmm": "BsrSddmm"}
+
+
+class BuildError(RuntimeError):
+  """The C++ kernels could not be compiled or loaded."""
+
+
+def _compiler() -> str:
+  cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+  if not cxx:
+    raise BuildError("no C++ compiler found (set $CXX or install g++, e.g. "
+                     "`apt-get install g++`); bsr_matmul uses the xla path instead.")
+  return cxx
+
+
+def _cpu_features() -> str:
+  """The CPU's instruction-set flags (a cached ``-march=native`` build must match them)."""
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith(("flags", "Features")):
+        return line
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def library_path() -> pathlib.Path:
+  """Where the compiled library for this source, compiler flags, jaxlib and CPU lives."""
+  key = hashlib.sha256()
+  for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
+               _cpu_features().encode(), platform.machine().encode()):
+    key.update(part)
+  cache = pathlib.Path(os.environ.get("BSPARSE_CACHE", pathlib.Path.home() / ".cache/bsparse"))
+  return cache / f"bsr_cpu-{key.hexdigest()[:16]}.so"
+
+
+def build() -> pathlib.Path:
+  """Compiles the kernels unless a matching library is cached; returns its path."""
+  path = library_path()
+  if path.exists():
+    return path
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+    out = pathlib.Path(tmp) / path.name
+    cmd = [_compiler(), *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as e:
+      raise BuildError(f"compiling {SOURCE.name} failed: {e}") from e
+    if proc.returncode:
+      raise BuildError(f"compiling {SOURCE.name} failed:\n{' '.join(cmd)}\n{proc.stderr}")
+    os.replace(out, path)  # atomic: concurrent builds leave one complete library
+  return path
+
+
+@functools.cache
+def _load() -> BuildError | None:
+  """Builds, loads and registers the kernels once per process; the error if that failed."""
+  try:
+    lib = ctypes.cdll.LoadLibrary(str(build()))
+    for target, symbol in TARGETS.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                  platform="cpu")
+  except (BuildError, OSError, AttributeError) as e:
+    err = e if isinstance(e, BuildError) else BuildError(f"loading the CPU kernels: {e}")
+    logging.warning("bsparse CPU kernels unavailable: %s", err)
+    return err
+  return None
+
+
+def available() -> bool:
+  """Whether the compiled kernels are loaded (builds them on first call)."""
+  return _load() is None
+
+
+def supports(w: bsr_lib.BSR, dtype) -> bool:
+  """Any block shape; float32 and narrower float inputs; the CPU backend only."""
+  del w
+  return (jax.default_backend() == "cpu" and jnp.issubdtype(dtype, jnp.floating)
+          and jnp.finfo(dtype).bits <= 32 and available())
+
+
+def _call(target: str, shape, *args) -> jax.Array:
+  if _load() is not None:
+    raise _load()
+  out = jax.ShapeDtypeStruct(shape, jnp.float32)
+  return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*args)
+
+
+def matmul(x: jax.Array, w: bsr_lib.BSR, transpose: bool = False,
+           interpret: bool = False) -> jax.Array:
+  """``x @ W`` (or ``x @ W.T``) for ``x: (M, K)``; returns ``(M, N)`` in ``x.dtype``."""
+  del interpret
+  m1, n1 = w.grid
+  bm, bn = w.block_shape
+  blocks, src, width = w.blocks, w.rows, n1 * bn
+  if transpose:
+    blocks, src, width = jnp.swapaxes(w.blocks, 1, 2), w.cols, m1 * bm
+  if x.shape[0] == 0:
+    return jnp.zeros((0, width), x.dtype)
+  entry, offsets = bsr_lib.group_offsets(w, transpose)
+  y = _call("bsparse_bsr_matmul", (x.shape[0], width), x.astype(jnp.float32),
+            blocks.astype(jnp.float32), src, entry, offsets)
+  return y.astype(x.dtype)
+
+
+def sddmm(a: jax.Array, b: jax.Array, w: bsr_lib.BSR, interpret: bool = False) -> jax.Array:
+  """Stored blocks of ``a.T @ b``: ``(nnz_max, bm, bn)`` f32 (zero for padding).
+
+  Args:
+    a: ``(M, m)``, read in ``bm``-wide column blocks ``rows[k]``.
+    b: ``(M, n)``, read in ``bn``-wide column blocks ``cols[k]``.
+  """
+  del interpret
+  return _call("bsparse_bsr_sddmm", (w.nnz_max, *w.block_shape), a.astype(jnp.float32),
+               b.astype(jnp.float32), w.rows, w.cols, w.nnz.reshape(1))
+

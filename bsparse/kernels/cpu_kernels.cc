@@ -1,0 +1,287 @@
+// Block-sparse (BSR) products on CPU, as XLA FFI custom calls (float32).
+//
+// The XLA ops path gathers the input blocks, multiplies them in a batched matmul and
+// scatter-adds the products; on a CPU the gathers and scatters cost more than the block
+// products. These kernels fuse the three: a register-tiled micro-kernel reads the input
+// blocks in place (strided) and accumulates every stored block of one output tile in
+// registers before writing it once.
+//
+//   bsparse_bsr_matmul: y (M, G*bo) = for each output block g, the sum over its stored
+//     entries e of x[:, src[e]*bk : +bk] @ blocks[e]; blocks (nnz_max, bk, bo). The
+//     entries of g are entry[offsets[g] : offsets[g+1]]. x @ W passes W's blocks and
+//     rows with entries grouped by block column; x @ W.T passes the transposed blocks
+//     and cols, grouped by block row.
+//   bsparse_bsr_sddmm: out (nnz_max, bm, bn), out[e] = a[:, rows[e]*bm : +bm].T @
+//     b[:, cols[e]*bn : +bn] for e < nnz, zero for padding entries.
+//
+// Work is split over the XLA CPU client's intra-op thread pool; the calling thread takes
+// work items too, so the kernels never wait on a pool that is busy elsewhere.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+// Lane types: 8 floats, 4 floats or one float, with load/store/splat.
+template <typename V>
+struct Lane {
+  static constexpr int kWidth = sizeof(V) / sizeof(float);
+  static V Load(const float* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static void Store(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+  static V Splat(float s) {
+    if constexpr (kWidth == 8) {
+      return V{s, s, s, s, s, s, s, s};
+    } else if constexpr (kWidth == 4) {
+      return V{s, s, s, s};
+    } else {
+      return s;
+    }
+  }
+};
+
+// acc[r][v] += sum_t a[r*sr + t*sk] * b[t*ldb + v*width : +width], for t < k.
+template <typename V, int MR, int NV>
+inline void Tile(const float* a, int64_t sr, int64_t sk, const float* b, int64_t ldb,
+                 int64_t k, V (&acc)[MR][NV]) {
+  using L = Lane<V>;
+  for (int64_t t = 0; t < k; ++t) {
+    V bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = L::Load(b + t * ldb + v * L::kWidth);
+    const float* at = a + t * sk;
+    for (int r = 0; r < MR; ++r) {
+      const V av = L::Splat(at[r * sr]);
+      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+    }
+  }
+}
+
+// One product term of an output tile: rows of `a` against a block of `b`.
+struct Term {
+  const float* a;
+  const float* b;
+};
+
+// Strides shared by all terms of a tile: a[r*sr + t*sk], b[t*ldb + c], t < k.
+struct Strides {
+  int64_t sr, sk, ldb, k;
+};
+
+// out[r, c : c + NV*width] (+)= the sum over terms, for MR rows.
+template <typename V, int MR, int NV>
+inline void Columns(const Term* terms, int64_t n_terms, const Strides& s, int64_t c,
+                    float* out, int64_t ldo, bool accumulate) {
+  using L = Lane<V>;
+  V acc[MR][NV];
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = accumulate ? L::Load(out + r * ldo + c + v * L::kWidth) : L::Splat(0.f);
+    }
+  }
+  for (int64_t i = 0; i < n_terms; ++i) {
+    Tile<V, MR, NV>(terms[i].a, s.sr, s.sk, terms[i].b + c, s.ldb, s.k, acc);
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int v = 0; v < NV; ++v) L::Store(out + r * ldo + c + v * L::kWidth, acc[r][v]);
+  }
+}
+
+// All `width` columns of MR output rows: 16-wide chunks, then 8, 4 and single columns.
+template <int MR>
+void Rows(const Term* terms, int64_t n_terms, const Strides& s, int64_t width,
+          float* out, int64_t ldo, bool accumulate) {
+  int64_t c = 0;
+  for (; c + 16 <= width; c += 16) Columns<v8, MR, 2>(terms, n_terms, s, c, out, ldo, accumulate);
+  for (; c + 8 <= width; c += 8) Columns<v8, MR, 1>(terms, n_terms, s, c, out, ldo, accumulate);
+  for (; c + 4 <= width; c += 4) Columns<v4, MR, 1>(terms, n_terms, s, c, out, ldo, accumulate);
+  for (; c < width; ++c) Columns<float, MR, 1>(terms, n_terms, s, c, out, ldo, accumulate);
+}
+
+constexpr int kMR = 6;  // rows per register tile (6 x 16 floats = 12 AVX registers)
+
+// An output tile of `rows` x `width`: row r's terms start at term.a + r*s.sr.
+void OutputTile(const Term* terms, int64_t n_terms, const Strides& s, int64_t rows,
+                int64_t width, float* out, int64_t ldo, bool accumulate, Term* shifted) {
+  for (int64_t r0 = 0, mr; r0 < rows; r0 += mr) {
+    // 7-9 rows left: two tiles of 3-5 rather than a full one and a thin one.
+    const int64_t left = rows - r0;
+    mr = (left > kMR && left < kMR + 4) ? (left + 1) / 2 : std::min<int64_t>(kMR, left);
+    for (int64_t i = 0; i < n_terms; ++i) shifted[i] = {terms[i].a + r0 * s.sr, terms[i].b};
+    float* o = out + r0 * ldo;
+    switch (mr) {
+      case 6: Rows<6>(shifted, n_terms, s, width, o, ldo, accumulate); break;
+      case 5: Rows<5>(shifted, n_terms, s, width, o, ldo, accumulate); break;
+      case 4: Rows<4>(shifted, n_terms, s, width, o, ldo, accumulate); break;
+      case 3: Rows<3>(shifted, n_terms, s, width, o, ldo, accumulate); break;
+      case 2: Rows<2>(shifted, n_terms, s, width, o, ldo, accumulate); break;
+      default: Rows<1>(shifted, n_terms, s, width, o, ldo, accumulate); break;
+    }
+  }
+}
+
+// Runs f(i) for i < n on the calling thread and the intra-op pool (work stealing).
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& f) {
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
+  if (helpers <= 0) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  // A helper that starts after all items are taken returns without touching f.
+  auto work = [state, n, &f]() {
+    int64_t count = 0;
+    for (int64_t i; (i = state->next.fetch_add(1)) < n; ++count) f(i);
+    if (count > 0 && state->done.fetch_add(count) + count == n) {
+      std::lock_guard<std::mutex> lock(state->mu);
+      state->cv.notify_all();
+    }
+  };
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n; });
+}
+
+constexpr int64_t kRowRange = 64;   // rows of x per work item of the product
+constexpr int64_t kDepthTile = 256; // rows of a, b per pass of the sampled product
+
+ffi::Error BsrMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                         ffi::Buffer<ffi::F32> blocks, ffi::Buffer<ffi::S32> src,
+                         ffi::Buffer<ffi::S32> entry, ffi::Buffer<ffi::S32> offsets,
+                         ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), bd = blocks.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || bd.size() != 3 || yd.size() != 2 || offsets.element_count() < 1) {
+    return ffi::Error::InvalidArgument("bsr_matmul: x must be 2-D, blocks 3-D, y 2-D.");
+  }
+  const int64_t m = xd[0], k_in = xd[1], nnz_max = bd[0], bk = bd[1], bo = bd[2];
+  const int64_t groups = offsets.element_count() - 1;
+  if (yd[0] != m || yd[1] != groups * bo || bk == 0 || k_in % bk != 0 ||
+      src.element_count() != nnz_max || entry.element_count() != nnz_max) {
+    return ffi::Error::InvalidArgument("bsr_matmul: inconsistent operand shapes.");
+  }
+  const int32_t* ent = entry.typed_data();
+  const int32_t* off = offsets.typed_data();
+  const int32_t* in = src.typed_data();
+  if (off[0] != 0 || off[groups] > nnz_max) {
+    return ffi::Error::InvalidArgument("bsr_matmul: offsets out of range.");
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    if (off[g + 1] < off[g]) return ffi::Error::InvalidArgument("bsr_matmul: offsets decrease.");
+  }
+  for (int64_t i = 0; i < off[groups]; ++i) {
+    if (ent[i] < 0 || ent[i] >= nnz_max || in[ent[i]] < 0 || in[ent[i]] >= k_in / bk) {
+      return ffi::Error::InvalidArgument("bsr_matmul: block index out of range.");
+    }
+  }
+  const float* xp = x.typed_data();
+  const float* bp = blocks.typed_data();
+  float* yp = y->typed_data();
+  const int64_t n_out = groups * bo;
+  const int64_t ranges = (m + kRowRange - 1) / kRowRange;
+  const Strides s{k_in, 1, bo, bk};
+  ParallelFor(pool, ranges * groups, [&](int64_t item) {
+    const int64_t r = item / groups, g = item % groups;
+    const int64_t row0 = r * kRowRange, rows = std::min(kRowRange, m - row0);
+    const int64_t n_terms = off[g + 1] - off[g];
+    std::unique_ptr<Term[]> terms(new Term[2 * std::max<int64_t>(n_terms, 1)]);
+    for (int64_t i = 0; i < n_terms; ++i) {
+      const int64_t e = ent[off[g] + i];
+      terms[i] = {xp + row0 * k_in + in[e] * bk, bp + e * bk * bo};
+    }
+    OutputTile(terms.get(), n_terms, s, rows, bo, yp + row0 * n_out + g * bo, n_out,
+               /*accumulate=*/false, terms.get() + n_terms);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error BsrSddmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
+                        ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::S32> rows,
+                        ffi::Buffer<ffi::S32> cols, ffi::Buffer<ffi::S32> nnz,
+                        ffi::ResultBuffer<ffi::F32> out) {
+  const auto ad = a.dimensions(), bd = b.dimensions(), od = out->dimensions();
+  if (ad.size() != 2 || bd.size() != 2 || od.size() != 3 || ad[0] != bd[0] ||
+      nnz.element_count() != 1) {
+    return ffi::Error::InvalidArgument("bsr_sddmm: a and b must be 2-D with equal rows.");
+  }
+  const int64_t depth = ad[0], lda = ad[1], ldb = bd[1];
+  const int64_t nnz_max = od[0], bm = od[1], bn = od[2];
+  if (bm == 0 || bn == 0 || lda % bm != 0 || ldb % bn != 0 ||
+      rows.element_count() != nnz_max || cols.element_count() != nnz_max) {
+    return ffi::Error::InvalidArgument("bsr_sddmm: inconsistent operand shapes.");
+  }
+  const int32_t* rp = rows.typed_data();
+  const int32_t* cp = cols.typed_data();
+  const int64_t count = std::clamp<int64_t>(nnz.typed_data()[0], 0, nnz_max);
+  for (int64_t e = 0; e < count; ++e) {
+    if (rp[e] < 0 || rp[e] >= lda / bm || cp[e] < 0 || cp[e] >= ldb / bn) {
+      return ffi::Error::InvalidArgument("bsr_sddmm: block index out of range.");
+    }
+  }
+  const float* ap = a.typed_data();
+  const float* bp = b.typed_data();
+  float* op = out->typed_data();
+  std::fill(op + count * bm * bn, op + nnz_max * bm * bn, 0.f);
+  ParallelFor(pool, count, [&](int64_t e) {
+    // Depth tiles of the two column blocks are copied to contiguous (k, bm) and (k, bn)
+    // buffers first: rows of a and b lie a whole feature row apart.
+    std::unique_ptr<float[]> packed(new float[kDepthTile * (bm + bn)]);
+    float* pa = packed.get();
+    float* pb = pa + kDepthTile * bm;
+    float* o = op + e * bm * bn;
+    for (int64_t t0 = 0; t0 < std::max<int64_t>(depth, 1); t0 += kDepthTile) {
+      const int64_t k = std::min(kDepthTile, depth - t0);
+      for (int64_t t = 0; t < k; ++t) {
+        std::memcpy(pa + t * bm, ap + (t0 + t) * lda + rp[e] * bm, bm * sizeof(float));
+        std::memcpy(pb + t * bn, bp + (t0 + t) * ldb + cp[e] * bn, bn * sizeof(float));
+      }
+      const Term term{pa, pb};
+      Term shifted;
+      OutputTile(&term, 1, Strides{1, bm, bn, k}, bm, bn, o, bn, /*accumulate=*/t0 > 0,
+                 &shifted);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BsrMatmul, BsrMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BsrSddmm, BsrSddmmImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
