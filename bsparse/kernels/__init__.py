@@ -2,7 +2,7 @@
 
 - ``bsr``: the ``BSR`` pytree with a static block budget, and its constructors.
 - ``ops``: ``bsr_matmul`` (custom VJP) and the dispatch over the implementations in
-  ``xla``, ``pallas_tpu`` and ``pallas_gpu``.
+  ``cpu`` (C++ kernels through XLA FFI), ``xla``, ``pallas_tpu`` and ``pallas_gpu``.
 - ``layers``: ``BlockSparseDense`` / ``BlockSparseConv``.
 - ``convert``: KPD params -> BSR layer variables.
 """

@@ -87,6 +87,25 @@ def _weight(module, in_features: int, block_shape: Sequence[int], taps: tuple[in
   return bsr_lib.from_indices(blocks, rows, cols, nnz, shape)
 
 
+def patches(x, taps: Sequence[int], strides: Sequence[int], padding) -> jax.Array:
+  """``lax.conv_general_dilated_patches`` of NHWC ``x`` by slicing: ``(N, Ho, Wo, C*kh*kw)``
+  with features ordered ``(C, kh, kw)``.
+
+  The same values as the XLA op, which on CPU runs as a convolution with a one-hot
+  ``(kh*kw*C, kh*kw*C)`` kernel (and so costs more than the block-sparse product it feeds);
+  slices, and their pad-and-add gradient, only move data.
+  """
+  (kh, kw), (sh, sw) = taps, strides
+  pads = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), (sh, sw), padding) \
+      if isinstance(padding, str) else padding
+  x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+  ho = (x.shape[1] - kh) // sh + 1
+  wo = (x.shape[2] - kw) // sw + 1
+  cols = [x[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :]
+          for i in range(kh) for j in range(kw)]
+  return jnp.stack(cols, axis=-1).reshape(*cols[0].shape[:3], -1)
+
+
 def _bias(module, y):
   if not module.use_bias:
     return y
@@ -145,7 +164,5 @@ class BlockSparseConv(nn.Module):
     taps = tuple(int(v) for v in self.kernel_size)
     w = _weight(self, x.shape[-1], self.block_shape, taps)
     blocks, x = nn.dtypes.promote_dtype(w.blocks, x, dtype=self.dtype)
-    patches = jax.lax.conv_general_dilated_patches(
-        x, taps, tuple(self.strides), self.padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return _bias(self, bsr_matmul(patches, w.replace(blocks=blocks), impl=self.impl))
+    cols = patches(x, taps, tuple(self.strides), self.padding)
+    return _bias(self, bsr_matmul(cols, w.replace(blocks=blocks), impl=self.impl))

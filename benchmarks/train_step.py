@@ -1,0 +1,80 @@
+r"""Train-step time of a trained run's model with each ``bsr_matmul`` implementation.
+
+  python -m benchmarks.train_step --workdir=runs/study/cnn/kpd_r4_bsr_cubic_d0.1_s0
+
+Restores the newest checkpoint of ``--workdir`` (for a run with ``sparsity.finetune=bsr``
+past its switch, the block-sparse model), builds its train step once per implementation
+in ``--impls`` and times them side by side on one batch of the run's data: each row is
+the median over ``--rounds`` interleaved rounds of ``--steps`` steps, each step on the
+state the previous one returned (on the same batch). Nothing is written to the workdir.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+from absl import app, flags
+import jax
+import numpy as np
+
+from bsparse import checkpoints, data, train_lib
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A trained run's directory.", required=True)
+_IMPLS = flags.DEFINE_list("impls", ["cpu", "xla"], "bsr_matmul implementations to time.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Steps per round.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds (the median is reported).")
+
+
+def restored_step(workdir: str, config, impl: str, datasets):
+  """``(train step, state, batch)`` of ``workdir``'s newest checkpoint, built for ``impl``."""
+  config = config.copy_and_resolve_references()
+  config.kernels.impl = impl
+  spe, total = train_lib.num_steps(config, len(datasets.train["label"]))
+  manager = checkpoints.checkpoint_manager(workdir, config, read_only=True)
+  try:
+    state, program, _ = train_lib.restore_program(
+        config, workdir, manager, datasets.num_classes, datasets.image_shape, spe, total,
+        set_aside=False)
+  finally:
+    manager.close()
+  n = config.batch_size
+  batch = program.steps.put_batch({"image": datasets.train["image"][:n].astype(np.float32),
+                                   "label": datasets.train["label"][:n]})
+  return program.steps.train, state, batch
+
+
+def time_steps(runs: dict, rounds: int, steps: int) -> tuple[dict, dict]:
+  """Times ``{impl: (step, state, batch)}`` in interleaved rounds.
+
+  Returns ``({impl: [ms per step, one per round]}, {impl: final state})``; the first call
+  of each step (its compilation) is not timed.
+  """
+  states = {impl: jax.block_until_ready(step(state, batch)[0])
+            for impl, (step, state, batch) in runs.items()}
+  times = {impl: [] for impl in runs}
+  for _ in range(rounds):
+    for impl, (step, _, batch) in runs.items():
+      t = time.perf_counter()
+      for _ in range(steps):
+        states[impl], _ = step(states[impl], batch)
+      jax.block_until_ready(states[impl])
+      times[impl].append(1e3 * (time.perf_counter() - t) / steps)
+  return times, states
+
+
+def main(argv):
+  del argv
+  config = checkpoints.load_config(_WORKDIR.value)
+  datasets = data.get_datasets(config)
+  runs = {impl: restored_step(_WORKDIR.value, config, impl, datasets)
+          for impl in _IMPLS.value}
+  times, _ = time_steps(runs, _ROUNDS.value, _STEPS.value)
+  print(f"{_WORKDIR.value}: batch {config.batch_size}, jax {jax.__version__}, "
+        f"backend {jax.default_backend()}")
+  print("| impl | step ms (median) | min | max |\n|---|---|---|---|")
+  for impl, ts in times.items():
+    print(f"| {impl} | {statistics.median(ts):.1f} | {min(ts):.1f} | {max(ts):.1f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
