@@ -19,7 +19,7 @@ import numpy as np
 
 from bsparse import checkpoints, data, train_lib
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A trained run's directory.", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "A trained run's directory (required).")
 _IMPLS = flags.DEFINE_list("impls", ["cpu", "xla"], "bsr_matmul implementations to time.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Steps per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds (the median is reported).")
@@ -64,6 +64,8 @@ def time_steps(runs: dict, rounds: int, steps: int) -> tuple[dict, dict]:
 
 def main(argv):
   del argv
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required: the directory of a trained run.")
   config = checkpoints.load_config(_WORKDIR.value)
   datasets = data.get_datasets(config)
   runs = {impl: restored_step(_WORKDIR.value, config, impl, datasets)

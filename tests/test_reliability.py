@@ -271,7 +271,7 @@ BAD_CONFIGS = [  # (change, words the message must contain)
     ({"optimizer.name": "adam"}, ["config.optimizer.name = 'adam'", "adamw, sgd"]),
     ({"optimizer.schedule": "linear"}, ["config.optimizer.schedule = 'linear'", "cosine"]),
     ({"layers.kind": "sparse"}, ["config.layers.kind = 'sparse'", "dense, kpd"]),
-    ({"kernels.impl": "cuda"}, ["config.kernels.impl = 'cuda'", "auto, xla, pallas_tpu"]),
+    ({"kernels.impl": "cuda"}, ["config.kernels.impl = 'cuda'", "auto, xla, cpu, pallas_tpu"]),
     ({"nan_policy": "ignore"}, ["config.nan_policy = 'ignore'", "stop, skip"]),
     ({"batch_size": 12}, ["config.batch_size = 12", "divisible by the 8 devices"]),
     ({"layers.block_shapes.fc3": (4, 4)},
