@@ -4,6 +4,10 @@ Pallas kernels run in interpret mode on CPU; ``jax.export`` lowers them for TPU 
 and CUDA (Triton) without the hardware. The C++ CPU kernels are compiled by the test
 setup (``scripts/setup.sh``) or on first use.
 """
+import pathlib
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -13,6 +17,7 @@ import pytest
 from bsparse.kernels import bsr, cpu, ops, pallas_gpu
 
 IMPLS = ["xla", "cpu", "pallas_tpu", "pallas_gpu"]
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def mask_empty_row_and_col():
@@ -225,3 +230,18 @@ def test_pallas_tpu_lowers_for_tpu(dtype, transpose):
 def test_pallas_gpu_lowers_for_cuda(dtype, transpose):
   text = export_text("pallas_gpu", "cuda", (32, 64), dtype, transpose)
   assert text.count("__gpu$xla.gpu.triton") == 3  # forward, dx, dW
+
+
+def test_benchmark_prints_both_cpu_paths_beside_dense(tmp_path):
+  out = tmp_path / "table.md"
+  cmd = [sys.executable, "-m", "benchmarks.bsr_matmul", "--m=8", "--kn=64", "--blocks=16",
+         "--densities=0.25", "--dtypes=float32", "--rounds=1", "--max_tries=1",
+         "--min_round_ms=0", f"--out={out}"]
+  subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=300)
+  cells = [r.split("|")[1:-1] for r in out.read_text().splitlines()
+           if r.startswith("| 8 | 64 |")]
+  timings = [c for c in cells if len(c) == 14]  # the break-even rows have 5 cells
+  assert [c[3].strip() for c in timings] == ["fwd", "fwd+bwd"]
+  for c in timings:
+    dense_ms, bsr_ms, xla_ms = (float(c[i]) for i in (6, 7, 8))
+    assert min(dense_ms, bsr_ms, xla_ms) > 0
