@@ -116,8 +116,9 @@ def supports(w: bsr_lib.BSR, dtype) -> bool:
 
 
 def _call(target: str, shape, *args) -> jax.Array:
-  if _load() is not None:
-    raise _load()
+  error = _load()
+  if error is not None:
+    raise error
   out = jax.ShapeDtypeStruct(shape, jnp.float32)
   return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*args)
 

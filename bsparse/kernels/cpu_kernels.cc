@@ -114,7 +114,8 @@ void Rows(const Term* terms, int64_t n_terms, const Strides& s, int64_t width,
 
 constexpr int kMR = 6;  // rows per register tile (6 x 16 floats = 12 AVX registers)
 
-// An output tile of `rows` x `width`: row r's terms start at term.a + r*s.sr.
+// An output tile of `rows` x `width`: row r's terms start at term.a + r*s.sr. `shifted`
+// is scratch for n_terms terms (the terms moved to each row tile).
 void OutputTile(const Term* terms, int64_t n_terms, const Strides& s, int64_t rows,
                 int64_t width, float* out, int64_t ldo, bool accumulate, Term* shifted) {
   for (int64_t r0 = 0, mr; r0 < rows; r0 += mr) {
