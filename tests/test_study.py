@@ -1,4 +1,5 @@
-"""benchmarks/study.py end to end on mock data: runs, measures and writes RESULTS.md."""
+"""benchmarks/study.py end to end on mock data: runs, measures and writes RESULTS.md; and
+benchmarks/lr_choice.py on fabricated studies."""
 import json
 import os
 
@@ -6,7 +7,7 @@ from absl import flags
 import pytest
 import tensorflow_datasets as tfds
 
-from benchmarks import study
+from benchmarks import lr_choice, study
 
 
 @pytest.fixture
@@ -54,3 +55,31 @@ def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path, study_flags):
                if r.label == "dense")
   study.execute(dense, str(out))
   assert os.path.getmtime(summary) == mtime
+
+
+def _fake_study(out, lr, runs):
+  """A study directory with ``runs`` [(label, seed, final val, test)] at learning rate lr."""
+  entries = []
+  for label, seed, val, test in runs:
+    name = f"mlp/{label}_s{seed}"
+    os.makedirs(out / name)
+    (out / name / "config.json").write_text(json.dumps({"optimizer": {"learning_rate": lr}}))
+    (out / name / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "val/accuracy": 0.1}) + "\n"
+        + json.dumps({"step": 2, "val/accuracy": val}) + "\n")
+    entries.append({"run": name, "model": "mlp", "label": label, "target": 0.1,
+                    "seed": seed, "accuracy": test})
+  (out / "study.json").write_text(json.dumps({"runs": entries, "invocations": {}}))
+  return str(out)
+
+
+def test_lr_choice_picks_by_validation_not_test(tmp_path):
+  low = _fake_study(tmp_path / "a", 1e-3, [("gradual", 0, 0.80, 0.90), ("gradual", 1, 0.82, 0.90),
+                                           ("static", 0, 0.7, 0.7)])
+  high = _fake_study(tmp_path / "b", 5e-3, [("gradual", 0, 0.85, 0.80), ("gradual", 1, 0.85, 0.80),
+                                            ("gradual", 2, 0.99, 0.99)])
+  rows = [r for r in lr_choice.table(lr_choice.collect([low, high])).splitlines()[2:]]
+  assert len(rows) == 2  # static ran at one learning rate only
+  chosen = [r for r in rows if "**yes**" in r]
+  assert len(chosen) == 1 and "| 0.005 | 2 |" in chosen[0]  # seed 2 left out: seeds 0, 1 only
+  assert "85.00 ± 0.00" in chosen[0] and "80.00 ± 0.00" in chosen[0]

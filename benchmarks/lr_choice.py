@@ -1,0 +1,75 @@
+r"""Each method at its own learning rate, chosen on validation accuracy, across studies.
+
+  python -m benchmarks.lr_choice runs/study runs/study_lr5e-3 runs/study_lr1e-2
+
+Reads the ``study.json`` of every study directory given (studies that differ only in
+``--override=optimizer.learning_rate=...``), groups the runs by model, method and target
+density, and for each group prints every learning rate's mean final validation accuracy
+and test accuracy (mean ± std over seeds), marking the learning rate with the best mean
+validation accuracy: the one a tuned comparison reports. Test accuracy plays no part in
+the choice. Groups run at one learning rate only are left out; within a group only the
+seeds every learning rate has are compared.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import statistics
+import sys
+
+from bsparse import checkpoints, metric_writers
+
+
+def final_val_accuracy(workdir: str) -> float:
+  vals = [r["val/accuracy"] for r in metric_writers.read_metrics(workdir)
+          if "val/accuracy" in r]
+  if not vals:
+    raise SystemExit(f"{workdir}: no validation accuracy logged (dataset.val_size = 0?).")
+  return vals[-1]
+
+
+def collect(out_dirs: list[str]) -> dict:
+  """``{(model, label, target): {lr: [(seed, val, test), ...]}}``."""
+  groups = collections.defaultdict(lambda: collections.defaultdict(list))
+  for out in out_dirs:
+    with open(os.path.join(out, "study.json"), encoding="utf-8") as f:
+      runs = json.load(f)["runs"]
+    for r in runs.values() if isinstance(runs, dict) else runs:
+      workdir = os.path.join(out, r["run"])
+      lr = checkpoints.load_config(workdir).optimizer.learning_rate
+      groups[(r["model"], r["label"], r["target"])][lr].append(
+          (r["seed"], final_val_accuracy(workdir), r["accuracy"]))
+  return groups
+
+
+def _pm(values) -> str:
+  values = [100 * v for v in values]
+  sd = statistics.stdev(values) if len(values) > 1 else 0.0
+  return f"{statistics.mean(values):.2f} ± {sd:.2f}"
+
+
+def table(groups: dict) -> str:
+  rows = ["| model | method | target density | learning rate | seeds | val accuracy % "
+          "| test accuracy % | chosen |", "|---|---|---|---|---|---|---|---|"]
+  for (model, label, target), by_lr in sorted(groups.items()):
+    if len(by_lr) < 2:
+      continue  # run at one learning rate only: nothing to choose
+    seeds = min((tuple(sorted(s for s, _, _ in rs)) for rs in by_lr.values()), key=len)
+    by_lr = {lr: sorted(r for r in rs if r[0] in seeds) for lr, rs in by_lr.items()}
+    best = max(by_lr, key=lambda lr: statistics.mean(v for _, v, _ in by_lr[lr]))
+    for lr, rs in sorted(by_lr.items()):
+      rows.append(f"| {model} | {label} | {target:g} | {lr:g} | {len(rs)} "
+                  f"| {_pm([v for _, v, _ in rs])} | {_pm([t for _, _, t in rs])} "
+                  f"| {'**yes**' if lr == best else ''} |")
+  return "\n".join(rows)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) < 2:
+    raise SystemExit(__doc__)
+  print(table(collect(argv[1:])))
+
+
+if __name__ == "__main__":
+  main(sys.argv)
