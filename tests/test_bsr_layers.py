@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bsparse.kernels import bsr, convert
-from bsparse.kernels.layers import INDEX_COLLECTION, BlockSparseConv, BlockSparseDense
+from bsparse.kernels.layers import INDEX_COLLECTION, BlockSparseConv, BlockSparseDense, patches
 from bsparse.layers import KronConv, KronDense
 
 
@@ -150,3 +150,13 @@ def test_conversion_rejects_a_budget_below_the_block_count():
   params = {"fc": random_params(KronDense(8, block_shapes=((4, 4),)), x, seed=0, keep=1.0)}
   with pytest.raises(ValueError, match="layer 'fc': the mask has 8 blocks"):
     convert.kpd_to_bsr_params(params, nnz_max=3)
+
+
+@pytest.mark.parametrize("taps,strides,padding", [
+    ((3, 3), (1, 1), "SAME"), ((3, 3), (2, 2), "SAME"), ((1, 1), (2, 2), "SAME"),
+    ((3, 2), (1, 2), "VALID"), ((3, 3), (2, 1), ((1, 0), (2, 1)))])
+def test_sliced_patches_equal_the_xla_patches_op(taps, strides, padding):
+  x = jax.random.normal(jax.random.key(0), (2, 9, 7, 5))
+  want = jax.lax.conv_general_dilated_patches(x, taps, strides, padding,
+                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_array_equal(patches(x, taps, strides, padding), want)
