@@ -338,14 +338,7 @@ def measure(run: Run, out: str, datasets, latency: bool) -> dict[str, Any]:
   with open(os.path.join(workdir, "run.json"), encoding="utf-8") as f:
     info = json.load(f)
   rows = metric_writers.read_metrics(workdir)
-  spe, total = train_lib.num_steps(config, len(datasets.train["label"]))
-  manager = checkpoints.checkpoint_manager(workdir, config, read_only=True)
-  try:
-    state, program, build = train_lib.restore_program(
-        config, workdir, manager, datasets.num_classes, datasets.image_shape, spe, total,
-        set_aside=False)
-  finally:
-    manager.close()
+  state, program, build = train_lib.read_program(config, workdir, datasets)
   # The initial model (every candidate) prices the steps before a selection or a switch
   # to block-sparse form; costs need shapes only, so its variables stay abstract.
   choice = selection.load_choice(workdir)

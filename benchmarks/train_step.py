@@ -29,14 +29,7 @@ def restored_step(workdir: str, config, impl: str, datasets):
   """``(train step, state, batch)`` of ``workdir``'s newest checkpoint, built for ``impl``."""
   config = config.copy_and_resolve_references()
   config.kernels.impl = impl
-  spe, total = train_lib.num_steps(config, len(datasets.train["label"]))
-  manager = checkpoints.checkpoint_manager(workdir, config, read_only=True)
-  try:
-    state, program, _ = train_lib.restore_program(
-        config, workdir, manager, datasets.num_classes, datasets.image_shape, spe, total,
-        set_aside=False)
-  finally:
-    manager.close()
+  state, program, _ = train_lib.read_program(config, workdir, datasets)
   n = config.batch_size
   batch = program.steps.put_batch({"image": datasets.train["image"][:n].astype(np.float32),
                                    "label": datasets.train["label"][:n]})

@@ -573,6 +573,19 @@ def restore_program(config, workdir: str, manager, num_classes: int, image_shape
   return state, program, build
 
 
+def read_program(config, workdir: str, datasets: data_lib.Datasets
+                 ) -> tuple[TrainState, Program, Callable[[Any], Program]]:
+  """``restore_program`` for reading a run (measuring, timing): the checkpoints are
+  opened read-only, nothing is set aside, and the manager is closed again."""
+  spe, total = num_steps(config, len(datasets.train["label"]))
+  manager = checkpoint_manager(workdir, config, read_only=True)
+  try:
+    return restore_program(config, workdir, manager, datasets.num_classes,
+                           datasets.image_shape, spe, total, set_aside=False)
+  finally:
+    manager.close()
+
+
 def _transitions(config, workdir: str, spe: int, build) -> dict[int, Transition]:
   """The model changes of the run by step: the block-size selection, then the switch to
   block-sparse form (both after one step when they coincide)."""

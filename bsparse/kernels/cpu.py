@@ -108,9 +108,9 @@ def available() -> bool:
   return _load() is None
 
 
-def supports(w: bsr_lib.BSR, dtype) -> bool:
+def supports(w: bsr_lib.BSR, dtype, interpret: bool = False) -> bool:
   """Any block shape; float32 and narrower float inputs; the CPU backend only."""
-  del w
+  del w, interpret
   return (jax.default_backend() == "cpu" and jnp.issubdtype(dtype, jnp.floating)
           and jnp.finfo(dtype).bits <= 32 and available())
 

@@ -80,7 +80,7 @@ def resolve_impl(impl: str | None, w: bsr_lib.BSR, dtype, interpret: bool = Fals
     impl = _SETTINGS.impl
   if impl == "auto":
     impl = _BY_BACKEND.get(jax.default_backend(), "xla")
-  if (interpret and impl.startswith("pallas")) or IMPLS[impl].supports(w, dtype):
+  if IMPLS[impl].supports(w, dtype, interpret):
     return impl
   return "xla"
 

@@ -28,10 +28,11 @@ from bsparse.kernels import bsr as bsr_lib
 MIN_SIDE = 16
 
 
-def supports(w: bsr_lib.BSR, dtype) -> bool:
-  """Whether the Triton kernels can run this product (power-of-two sides >= 16)."""
+def supports(w: bsr_lib.BSR, dtype, interpret: bool = False) -> bool:
+  """Whether the Triton kernels can run this product (power-of-two sides >= 16; any
+  block shape in interpret mode)."""
   del dtype
-  return all(b >= MIN_SIDE and b & (b - 1) == 0 for b in w.block_shape)
+  return interpret or all(b >= MIN_SIDE and b & (b - 1) == 0 for b in w.block_shape)
 
 
 def row_tile(m: int) -> int:

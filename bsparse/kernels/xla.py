@@ -35,9 +35,9 @@ MAX_SLABS = 4
 CHUNK_MACS = 4 << 20
 
 
-def supports(w: bsr_lib.BSR, dtype) -> bool:
+def supports(w: bsr_lib.BSR, dtype, interpret: bool = False) -> bool:
   """The XLA path takes any block shape and dtype."""
-  del w, dtype
+  del w, dtype, interpret
   return True
 
 
