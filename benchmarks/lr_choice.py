@@ -8,7 +8,8 @@ density, and for each group prints every learning rate's mean final validation a
 and test accuracy (mean ± std over seeds), marking the learning rate with the best mean
 validation accuracy: the one a tuned comparison reports. Test accuracy plays no part in
 the choice. Groups run at one learning rate only are left out; within a group only the
-seeds every learning rate has are compared.
+seeds every learning rate has are compared. ``benchmarks/study.py --lr_studies=...``
+writes this table and the study's tables at the chosen rates into ``RESULTS.md``.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def final_val_accuracy(workdir: str) -> float:
 
 
 def collect(out_dirs: list[str]) -> dict:
-  """``{(model, label, target): {lr: [(seed, val, test), ...]}}``."""
+  """``{(model, label, target): {lr: [run, ...]}}``: each run is its ``study.json`` record
+  with ``lr`` and ``val`` (final validation accuracy) added."""
   groups = collections.defaultdict(lambda: collections.defaultdict(list))
   for out in out_dirs:
     with open(os.path.join(out, "study.json"), encoding="utf-8") as f:
@@ -39,8 +41,27 @@ def collect(out_dirs: list[str]) -> dict:
       workdir = os.path.join(out, r["run"])
       lr = checkpoints.load_config(workdir).optimizer.learning_rate
       groups[(r["model"], r["label"], r["target"])][lr].append(
-          (r["seed"], final_val_accuracy(workdir), r["accuracy"]))
+          {**r, "lr": lr, "val": final_val_accuracy(workdir)})
   return groups
+
+
+def compared(by_lr: dict) -> dict:
+  """``{lr: runs}`` restricted to the seeds every learning rate has, sorted by seed."""
+  seeds = set.intersection(*({r["seed"] for r in rs} for rs in by_lr.values()))
+  return {lr: sorted((r for r in rs if r["seed"] in seeds), key=lambda r: r["seed"])
+          for lr, rs in by_lr.items()}
+
+
+def best_lr(by_lr: dict) -> float:
+  """The learning rate with the best mean final validation accuracy."""
+  by_lr = compared(by_lr)
+  return max(by_lr, key=lambda lr: statistics.mean(r["val"] for r in by_lr[lr]))
+
+
+def chosen_runs(groups: dict) -> list[dict]:
+  """The runs of every group run at >= 2 learning rates, at the group's chosen rate."""
+  return [r for by_lr in groups.values() if len(by_lr) > 1
+          for r in compared(by_lr)[best_lr(by_lr)]]
 
 
 def _pm(values) -> str:
@@ -55,12 +76,10 @@ def table(groups: dict) -> str:
   for (model, label, target), by_lr in sorted(groups.items()):
     if len(by_lr) < 2:
       continue  # run at one learning rate only: nothing to choose
-    seeds = min((tuple(sorted(s for s, _, _ in rs)) for rs in by_lr.values()), key=len)
-    by_lr = {lr: sorted(r for r in rs if r[0] in seeds) for lr, rs in by_lr.items()}
-    best = max(by_lr, key=lambda lr: statistics.mean(v for _, v, _ in by_lr[lr]))
-    for lr, rs in sorted(by_lr.items()):
+    best = best_lr(by_lr)
+    for lr, rs in sorted(compared(by_lr).items()):
       rows.append(f"| {model} | {label} | {target:g} | {lr:g} | {len(rs)} "
-                  f"| {_pm([v for _, v, _ in rs])} | {_pm([t for _, _, t in rs])} "
+                  f"| {_pm([r['val'] for r in rs])} | {_pm([r['accuracy'] for r in rs])} "
                   f"| {'**yes**' if lr == best else ''} |")
   return "\n".join(rows)
 

@@ -49,6 +49,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks import lr_choice  # noqa: E402
 from bsparse import (baselines, checkpoints, cli, data, export,  # noqa: E402
                      metric_writers, report, selection, sparsity, train_lib)
 import matplotlib  # noqa: E402
@@ -81,6 +82,10 @@ _OVERRIDES = flags.DEFINE_multi_string(
     "override", [], "Extra config override for every run, e.g. dataset.source=tfds.")
 _REPORT_ONLY = flags.DEFINE_bool(
     "report_only", False, "Only rewrite --results from the measurements in study.json.")
+_LR_STUDIES = flags.DEFINE_list(
+    "lr_studies", [], "Studies of the same runs at other learning rates "
+    "(--override=optimizer.learning_rate=...): RESULTS.md then also reports every method at "
+    "its own rate, chosen on validation accuracy (benchmarks/lr_choice.py).")
 _IN_PROCESS = flags.DEFINE_bool(
     "in_process", False, "Train in this process (no per-run RSS); for tests on mock data.")
 
@@ -182,7 +187,7 @@ def invocation() -> str:
   for holder in (_OUT, _MODELS, _DENSITIES, _SEEDS, _EPOCHS, _RANKS, _FINETUNE, _PRUNE,
                  _METHODS, _SWEEP,
                  _SWEEP_DENSITY, _RESULTS, _PLOTS_DIR, _LATENCY_BATCH, _OVERRIDES,
-                 _IN_PROCESS, _REPORT_ONLY):
+                 _LR_STUDIES, _IN_PROCESS, _REPORT_ONLY):
     flag = flags.FLAGS[holder.name]
     if flag.value == flag.default:
       continue
@@ -536,6 +541,7 @@ def plot_accuracy(results, model, path) -> str:
           title=f"{model}: accuracy vs training cost")
   ax1.legend(fontsize=7)
   fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
@@ -547,9 +553,43 @@ def kpd_labels(results, model) -> list[str]:
   return sorted(labels, key=lambda l: (int(l.split()[1][1:]), l))
 
 
-def write_results(study: dict, path: str, plots_dir: str) -> None:
+def model_section(results, model, plots_dir, rel, plot_name: str) -> list[str]:
+  """The main table, its plot (``plot_name`` in ``plots_dir``) and the done-when checks
+  of one model."""
+  parts = [main_table(results, model) + "\n", f"![{model}]({rel}/{plot_name})\n"]
+  plot_accuracy(results, model, os.path.join(plots_dir, plot_name))
+  checks = [c for label in kpd_labels(results, model) for c in verdicts(results, model, label)]
+  if checks:
+    parts.append("Targets (lowest density):\n\n" + "\n".join(
+        c if c.startswith("  - ") else f"- {c}" for c in checks) + "\n")
+  return parts
+
+
+def tuned_section(out_dirs: list[str], plots_dir: str, rel: str) -> list[str]:
+  """Every method at its own learning rate, chosen on validation accuracy."""
+  groups = lr_choice.collect(out_dirs)
+  tuned = lr_choice.chosen_runs(groups)
+  commands = []
+  for out in out_dirs[1:]:
+    with open(os.path.join(out, "study.json"), encoding="utf-8") as f:
+      commands += [c for cs in json.load(f)["invocations"].values() for c in cs]
+  parts = ["## Each method at its own learning rate\n",
+           "The tables above train every method at the configs' learning rate. Here each "
+           "method (model, target density) is run at several rates and reported at the one "
+           "with the best mean final accuracy on the validation split (held out from the "
+           "training set); test accuracy plays no part in the choice "
+           "(`benchmarks/lr_choice.py`). The configs' rate is the study above; the others "
+           "come from " + " and ".join(f"`{c}`" for c in commands) + ".\n", lr_choice.table(groups) + "\n"]
+  for model in sorted({r["model"] for r in tuned}):
+    parts.append(f"### {model}, at the chosen rates\n")
+    parts += model_section(tuned, model, plots_dir, rel, f"{model}_accuracy_tuned_lr.png")
+  return parts
+
+
+def write_results(study: dict, path: str, plots_dir: str, lr_dirs=()) -> None:
+  """Writes the study's report; ``lr_dirs``: this study and its learning-rate variants,
+  for the section at the chosen rates (none when empty)."""
   results = list(study["runs"].values())
-  os.makedirs(plots_dir, exist_ok=True)
   rel = os.path.relpath(plots_dir, os.path.dirname(os.path.abspath(path)) or ".")
   models = sorted({r["model"] for r in results})
   parts = ["# Results: block-sparse training on Fashion-MNIST, side by side\n",
@@ -569,15 +609,7 @@ def write_results(study: dict, path: str, plots_dir: str) -> None:
                  f"{', '.join(map(str, sorted({r['seed'] for r in rs})))}. Reproduce with "
                  + " then ".join(f"`{c}`" for c in study["invocations"].get(model, []))
                  + ".\n")
-    parts.append(main_table(results, model) + "\n")
-    parts.append(f"![{model}]({rel}/{model}_accuracy.png)\n")
-    plot_accuracy(results, model, os.path.join(plots_dir, f"{model}_accuracy.png"))
-    checks = [c for label in kpd_labels(results, model)
-              for c in verdicts(results, model, label)]
-    if checks:
-      parts.append("Targets (lowest density):\n\n" + "\n".join(
-          c if c.startswith("  - ") else f"- {c}" for c in checks)
-                   + "\n")
+    parts += model_section(results, model, plots_dir, rel, f"{model}_accuracy.png")
     lat = latency_table(results, model)
     if lat:
       parts.append(f"Inference latency, batch {_LATENCY_BATCH.value}, of the lowest seed "
@@ -588,11 +620,19 @@ def write_results(study: dict, path: str, plots_dir: str) -> None:
     if table:
       parts.append("### Block size: fixed sizes vs the one-run selection\n\n" + table + "\n")
       parts.append("\n".join(f"- {v}" for v in sel) + "\n")
+  if lr_dirs:
+    parts += tuned_section(list(lr_dirs), plots_dir, rel)
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(parts))
 
 
 # --------------------------------------------------------------------------- main
+
+
+def lr_dirs(out: str) -> list[str]:
+  """This study and its ``--lr_studies``, or nothing when there are none."""
+  others = [os.path.abspath(d) for d in _LR_STUDIES.value]
+  return [out, *(d for d in others if d != out)] if others else []
 
 
 def main(argv):
@@ -602,7 +642,7 @@ def main(argv):
   ranks = [int(r) for r in _RANKS.value]
   if _REPORT_ONLY.value:
     with open(os.path.join(out, "study.json"), encoding="utf-8") as f:
-      write_results(json.load(f), _RESULTS.value, _PLOTS_DIR.value)
+      write_results(json.load(f), _RESULTS.value, _PLOTS_DIR.value, lr_dirs(out))
     print(f"wrote {_RESULTS.value} and {_PLOTS_DIR.value}/")
     return
   runs = plan(_MODELS.value, [float(d) for d in _DENSITIES.value],
@@ -621,7 +661,7 @@ def main(argv):
     fresh.append({**measure(run, out, datasets, latency), "epochs": _EPOCHS.value})
   study = merge(os.path.join(out, "study.json"), fresh,
                 {m: invocation() for m in _MODELS.value})
-  write_results(study, _RESULTS.value, _PLOTS_DIR.value)
+  write_results(study, _RESULTS.value, _PLOTS_DIR.value, lr_dirs(out))
   print(f"wrote {_RESULTS.value} and {_PLOTS_DIR.value}/")
 
 

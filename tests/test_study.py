@@ -67,9 +67,13 @@ def _fake_study(out, lr, runs):
     (out / name / "metrics.jsonl").write_text(
         json.dumps({"step": 1, "val/accuracy": 0.1}) + "\n"
         + json.dumps({"step": 2, "val/accuracy": val}) + "\n")
-    entries.append({"run": name, "model": "mlp", "label": label, "target": 0.1,
-                    "seed": seed, "accuracy": test})
-  (out / "study.json").write_text(json.dumps({"runs": entries, "invocations": {}}))
+    dense = label in ("dense", "gradual")
+    entries.append({"run": name, "model": "mlp", "label": label, "target": 1.0 if label ==
+                    "dense" else 0.1, "method": label.split()[0], "seed": seed,
+                    "accuracy": test, "density": 0.1, "flops": 10.0 if dense else 1.0,
+                    "step_ms": 2.0, "state_mb": 1.0, "step_mb": 2.0, "rss_mb": 500.0})
+  (out / "study.json").write_text(json.dumps(
+      {"runs": entries, "invocations": {"mlp": [f"python -m benchmarks.study lr={lr}"]}}))
   return str(out)
 
 
@@ -83,3 +87,18 @@ def test_lr_choice_picks_by_validation_not_test(tmp_path):
   chosen = [r for r in rows if "**yes**" in r]
   assert len(chosen) == 1 and "| 0.005 | 2 |" in chosen[0]  # seed 2 left out: seeds 0, 1 only
   assert "85.00 ± 0.00" in chosen[0] and "80.00 ± 0.00" in chosen[0]
+
+
+def test_results_report_each_method_at_its_chosen_rate(tmp_path):
+  low = _fake_study(tmp_path / "a", 1e-3, [
+      ("dense", 0, 0.90, 0.90), ("kpd r4", 0, 0.80, 0.80), ("gradual", 0, 0.85, 0.85)])
+  high = _fake_study(tmp_path / "b", 1e-2, [
+      ("dense", 0, 0.89, 0.99), ("kpd r4", 0, 0.88, 0.895), ("gradual", 0, 0.86, 0.86)])
+  chosen = {r["label"]: r["lr"] for r in lr_choice.chosen_runs(lr_choice.collect([low, high]))}
+  assert chosen == {"dense": 1e-3, "kpd r4": 1e-2, "gradual": 1e-2}
+  text = "\n".join(study.tuned_section([low, high], str(tmp_path / "plots"), "plots"))
+  assert "`python -m benchmarks.study lr=0.01`" in text  # the other rate's command
+  assert "| kpd r4 | 0.1 | 1 | 89.50 |" in text and "| dense | 1 | 1 | 90.00 |" in text
+  assert "89.50% vs dense 90.00% (gap 0.50 points; target ≤ 1.0: met)" in text
+  assert "89.50% vs 86.00% (met: at least as accurate); FLOPs 0.10x" in text
+  assert os.path.exists(tmp_path / "plots" / "mlp_accuracy_tuned_lr.png")
