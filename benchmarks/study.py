@@ -553,6 +553,17 @@ def kpd_labels(results, model) -> list[str]:
   return sorted(labels, key=lambda l: (int(l.split()[1][1:]), l))
 
 
+def layer_ranks_note(model: str) -> str:
+  """Names the per-layer KPD ranks the model's config fixes (a row's ``r`` is the rest)."""
+  path = f"configs/{CONFIG_FILES[model]}.py"
+  ranks = importlib.import_module(path[:-3].replace("/", ".")).get_config().layers.ranks
+  if not ranks:
+    return ""
+  fixed = ", ".join(f"{k} at rank {v}" for k, v in sorted(ranks.items()))
+  return (f" KPD rows: {fixed} (`{path}`); the `r` of a row is the rank of the other "
+          "KPD layers.")
+
+
 def model_section(results, model, plots_dir, rel, plot_name: str) -> list[str]:
   """The main table, its plot (``plot_name`` in ``plots_dir``) and the done-when checks
   of one model."""
@@ -608,7 +619,7 @@ def write_results(study: dict, path: str, plots_dir: str, lr_dirs=()) -> None:
     parts.append(f"Budget: {rs[0]['epochs']:g} epochs, seeds "
                  f"{', '.join(map(str, sorted({r['seed'] for r in rs})))}. Reproduce with "
                  + " then ".join(f"`{c}`" for c in study["invocations"].get(model, []))
-                 + ".\n")
+                 + "." + layer_ranks_note(model) + "\n")
     parts += model_section(results, model, plots_dir, rel, f"{model}_accuracy.png")
     lat = latency_table(results, model)
     if lat:

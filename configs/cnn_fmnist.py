@@ -11,6 +11,7 @@ def get_config():
   c.layers.block_shapes.conv2 = (4, 4)  # 32x64 channel plane -> 8x16 grid, shared by 3x3 taps
   c.layers.block_shapes.fc1 = (16, 16)  # 3136x128 -> 196x8 grid
   c.layers.rank = 4
+  c.layers.ranks.conv2 = 1  # its factored phase then costs ~1/4 of a dense conv (kron.conv_costs)
   c.sparsity.lam = 2e-3
   c.sparsity.start_epoch = 1.0
   c.sparsity.ramp_epochs = 2.0
