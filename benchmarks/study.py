@@ -3,6 +3,8 @@ budget on Fashion-MNIST, and fixed block sizes against the one-run selection.
 
   python -m benchmarks.study --out=runs/study                      # everything
   python -m benchmarks.study --out=runs/study --models=mlp --seeds=0,1,2
+  python -m benchmarks.study --out=runs/study --report_only \
+      --lr_studies=runs/study_lr5e-3,runs/study_lr1e-2   # + each method at its best rate
 
 Every run is ``python train.py ...`` in its own process: its command is printed and saved
 in ``<run>/run.json`` with its wall time and its peak RSS, read from the operating system
