@@ -30,14 +30,18 @@ def final_val_accuracy(workdir: str) -> float:
   return vals[-1]
 
 
+def read_study(out: str) -> dict:
+  """A study directory's ``study.json``: ``{'runs': {name: run}, 'invocations': ...}``."""
+  with open(os.path.join(out, "study.json"), encoding="utf-8") as f:
+    return json.load(f)
+
+
 def collect(out_dirs: list[str]) -> dict:
   """``{(model, label, target): {lr: [run, ...]}}``: each run is its ``study.json`` record
   with ``lr`` and ``val`` (final validation accuracy) added."""
   groups = collections.defaultdict(lambda: collections.defaultdict(list))
   for out in out_dirs:
-    with open(os.path.join(out, "study.json"), encoding="utf-8") as f:
-      runs = json.load(f)["runs"]
-    for r in runs.values() if isinstance(runs, dict) else runs:
+    for r in read_study(out)["runs"].values():
       workdir = os.path.join(out, r["run"])
       lr = checkpoints.load_config(workdir).optimizer.learning_rate
       groups[(r["model"], r["label"], r["target"])][lr].append(
@@ -53,15 +57,18 @@ def compared(by_lr: dict) -> dict:
 
 
 def best_lr(by_lr: dict) -> float:
-  """The learning rate with the best mean final validation accuracy."""
-  by_lr = compared(by_lr)
+  """The learning rate with the best mean final validation accuracy, of ``compared`` runs."""
   return max(by_lr, key=lambda lr: statistics.mean(r["val"] for r in by_lr[lr]))
 
 
 def chosen_runs(groups: dict) -> list[dict]:
   """The runs of every group run at >= 2 learning rates, at the group's chosen rate."""
-  return [r for by_lr in groups.values() if len(by_lr) > 1
-          for r in compared(by_lr)[best_lr(by_lr)]]
+  out = []
+  for by_lr in groups.values():
+    if len(by_lr) > 1:
+      by_lr = compared(by_lr)
+      out += by_lr[best_lr(by_lr)]
+  return out
 
 
 def _pm(values) -> str:
@@ -76,8 +83,9 @@ def table(groups: dict) -> str:
   for (model, label, target), by_lr in sorted(groups.items()):
     if len(by_lr) < 2:
       continue  # run at one learning rate only: nothing to choose
+    by_lr = compared(by_lr)
     best = best_lr(by_lr)
-    for lr, rs in sorted(compared(by_lr).items()):
+    for lr, rs in sorted(by_lr.items()):
       rows.append(f"| {model} | {label} | {target:g} | {lr:g} | {len(rs)} "
                   f"| {_pm([r['val'] for r in rs])} | {_pm([r['accuracy'] for r in rs])} "
                   f"| {'**yes**' if lr == best else ''} |")

@@ -222,9 +222,14 @@ def command(run: Run, workdir: str) -> list[str]:
           *(f"--config.{k}={_flag_value(v)}" for k, v in run.overrides + extra_overrides())]
 
 
+def config_file_config(path: str):
+  """``get_config()`` of a config file named by its path, e.g. ``configs/mlp_fmnist.py``."""
+  return importlib.import_module(path[:-3].replace("/", ".")).get_config()
+
+
 def config_of(run: Run):
   """The run's config, built in this process as train.py's flags build it."""
-  c = importlib.import_module(run.config_file[:-3].replace("/", ".")).get_config()
+  c = config_file_config(run.config_file)
   for key, value in run.overrides + extra_overrides():
     *path, last = key.split(".")
     node = c
@@ -558,7 +563,7 @@ def kpd_labels(results, model) -> list[str]:
 def layer_ranks_note(model: str) -> str:
   """Names the per-layer KPD ranks the model's config fixes (a row's ``r`` is the rest)."""
   path = f"configs/{CONFIG_FILES[model]}.py"
-  ranks = importlib.import_module(path[:-3].replace("/", ".")).get_config().layers.ranks
+  ranks = config_file_config(path).layers.ranks
   if not ranks:
     return ""
   fixed = ", ".join(f"{k} at rank {v}" for k, v in sorted(ranks.items()))
@@ -582,10 +587,8 @@ def tuned_section(out_dirs: list[str], plots_dir: str, rel: str) -> list[str]:
   """Every method at its own learning rate, chosen on validation accuracy."""
   groups = lr_choice.collect(out_dirs)
   tuned = lr_choice.chosen_runs(groups)
-  commands = []
-  for out in out_dirs[1:]:
-    with open(os.path.join(out, "study.json"), encoding="utf-8") as f:
-      commands += [c for cs in json.load(f)["invocations"].values() for c in cs]
+  commands = [c for out in out_dirs[1:]
+              for cs in lr_choice.read_study(out)["invocations"].values() for c in cs]
   parts = ["## Each method at its own learning rate\n",
            "The tables above train every method at the configs' learning rate. Here each "
            "method (model, target density) is run at several rates and reported at the one "
@@ -634,7 +637,7 @@ def write_results(study: dict, path: str, plots_dir: str, lr_dirs=()) -> None:
       parts.append("### Block size: fixed sizes vs the one-run selection\n\n" + table + "\n")
       parts.append("\n".join(f"- {v}" for v in sel) + "\n")
   if lr_dirs:
-    parts += tuned_section(list(lr_dirs), plots_dir, rel)
+    parts += tuned_section(lr_dirs, plots_dir, rel)
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(parts))
 
@@ -654,8 +657,7 @@ def main(argv):
   out = os.path.abspath(_OUT.value)
   ranks = [int(r) for r in _RANKS.value]
   if _REPORT_ONLY.value:
-    with open(os.path.join(out, "study.json"), encoding="utf-8") as f:
-      write_results(json.load(f), _RESULTS.value, _PLOTS_DIR.value, lr_dirs(out))
+    write_results(lr_choice.read_study(out), _RESULTS.value, _PLOTS_DIR.value, lr_dirs(out))
     print(f"wrote {_RESULTS.value} and {_PLOTS_DIR.value}/")
     return
   runs = plan(_MODELS.value, [float(d) for d in _DENSITIES.value],

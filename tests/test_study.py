@@ -59,7 +59,7 @@ def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path, study_flags):
 
 def _fake_study(out, lr, runs):
   """A study directory with ``runs`` [(label, seed, final val, test)] at learning rate lr."""
-  entries = []
+  entries = {}
   for label, seed, val, test in runs:
     name = f"mlp/{label}_s{seed}"
     os.makedirs(out / name)
@@ -68,10 +68,10 @@ def _fake_study(out, lr, runs):
         json.dumps({"step": 1, "val/accuracy": 0.1}) + "\n"
         + json.dumps({"step": 2, "val/accuracy": val}) + "\n")
     dense = label in ("dense", "gradual")
-    entries.append({"run": name, "model": "mlp", "label": label, "target": 1.0 if label ==
-                    "dense" else 0.1, "method": label.split()[0], "seed": seed,
-                    "accuracy": test, "density": 0.1, "flops": 10.0 if dense else 1.0,
-                    "step_ms": 2.0, "state_mb": 1.0, "step_mb": 2.0, "rss_mb": 500.0})
+    entries[name] = {"run": name, "model": "mlp", "label": label, "target": 1.0 if label ==
+                     "dense" else 0.1, "method": label.split()[0], "seed": seed,
+                     "accuracy": test, "density": 0.1, "flops": 10.0 if dense else 1.0,
+                     "step_ms": 2.0, "state_mb": 1.0, "step_mb": 2.0, "rss_mb": 500.0}
   (out / "study.json").write_text(json.dumps(
       {"runs": entries, "invocations": {"mlp": [f"python -m benchmarks.study lr={lr}"]}}))
   return str(out)
