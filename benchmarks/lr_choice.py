@@ -4,11 +4,13 @@ r"""Each method at its own learning rate, chosen on validation accuracy, across 
 
 Reads the ``study.json`` of every study directory given (studies that differ only in
 ``--override=optimizer.learning_rate=...``), groups the runs by model, method and target
-density, and for each group prints every learning rate's mean final validation accuracy
-and test accuracy (mean ± std over seeds), marking the learning rate with the best mean
-validation accuracy: the one a tuned comparison reports. Test accuracy plays no part in
-the choice. Groups run at one learning rate only are left out; within a group only the
-seeds every learning rate has are compared. ``benchmarks/study.py --lr_studies=...``
+density and budget (epochs), and for each group prints every learning rate's mean final
+validation accuracy and test accuracy (mean ± std over seeds), marking the learning rate
+with the best mean validation accuracy: the one a tuned comparison reports. Test accuracy
+plays no part in the choice. The first directory is the study at the configs' rate: its
+groups that no other directory runs are left out (nothing was tuned); a group the other
+directories run at one rate only is reported at that rate, marked so. Within a group only
+the seeds every learning rate has are compared. ``benchmarks/study.py --lr_studies=...``
 writes this table and the study's tables at the chosen rates into ``RESULTS.md``.
 """
 from __future__ import annotations
@@ -37,16 +39,20 @@ def read_study(out: str) -> dict:
 
 
 def collect(out_dirs: list[str]) -> dict:
-  """``{(model, label, target): {lr: [run, ...]}}``: each run is its ``study.json`` record
-  with ``lr`` and ``val`` (final validation accuracy) added."""
+  """``{(model, epochs, label, target): {lr: [run, ...]}}`` of the groups the studies after
+  the first run: each run is its ``study.json`` record with ``lr`` and ``val`` (final
+  validation accuracy) added."""
   groups = collections.defaultdict(lambda: collections.defaultdict(list))
-  for out in out_dirs:
+  tuned = set()
+  for i, out in enumerate(out_dirs):
     for r in read_study(out)["runs"].values():
       workdir = os.path.join(out, r["run"])
       lr = checkpoints.load_config(workdir).optimizer.learning_rate
-      groups[(r["model"], r["label"], r["target"])][lr].append(
-          {**r, "lr": lr, "val": final_val_accuracy(workdir)})
-  return groups
+      key = (r["model"], r["epochs"], r["label"], r["target"])
+      groups[key][lr].append({**r, "lr": lr, "val": final_val_accuracy(workdir)})
+      if i:
+        tuned.add(key)
+  return {k: v for k, v in groups.items() if k in tuned}
 
 
 def compared(by_lr: dict) -> dict:
@@ -62,12 +68,11 @@ def best_lr(by_lr: dict) -> float:
 
 
 def chosen_runs(groups: dict) -> list[dict]:
-  """The runs of every group run at >= 2 learning rates, at the group's chosen rate."""
+  """The runs of every group at the group's chosen rate."""
   out = []
   for by_lr in groups.values():
-    if len(by_lr) > 1:
-      by_lr = compared(by_lr)
-      out += by_lr[best_lr(by_lr)]
+    by_lr = compared(by_lr)
+    out += by_lr[best_lr(by_lr)]
   return out
 
 
@@ -78,17 +83,16 @@ def _pm(values) -> str:
 
 
 def table(groups: dict) -> str:
-  rows = ["| model | method | target density | learning rate | seeds | val accuracy % "
-          "| test accuracy % | chosen |", "|---|---|---|---|---|---|---|---|"]
-  for (model, label, target), by_lr in sorted(groups.items()):
-    if len(by_lr) < 2:
-      continue  # run at one learning rate only: nothing to choose
+  rows = ["| model | epochs | method | target density | learning rate | seeds "
+          "| val accuracy % | test accuracy % | chosen |", "|" + "---|" * 9]
+  for (model, epochs, label, target), by_lr in sorted(groups.items()):
     by_lr = compared(by_lr)
     best = best_lr(by_lr)
+    mark = "**yes**" if len(by_lr) > 1 else "the only rate run"
     for lr, rs in sorted(by_lr.items()):
-      rows.append(f"| {model} | {label} | {target:g} | {lr:g} | {len(rs)} "
+      rows.append(f"| {model} | {epochs:g} | {label} | {target:g} | {lr:g} | {len(rs)} "
                   f"| {_pm([r['val'] for r in rs])} | {_pm([r['accuracy'] for r in rs])} "
-                  f"| {'**yes**' if lr == best else ''} |")
+                  f"| {mark if lr == best else ''} |")
   return "\n".join(rows)
 
 

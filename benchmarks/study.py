@@ -584,21 +584,25 @@ def model_section(results, model, plots_dir, rel, plot_name: str) -> list[str]:
 
 
 def tuned_section(out_dirs: list[str], plots_dir: str, rel: str) -> list[str]:
-  """Every method at its own learning rate, chosen on validation accuracy."""
+  """Every method at its own learning rate, chosen on validation accuracy; a table, plot
+  and the done-when checks per model and budget."""
   groups = lr_choice.collect(out_dirs)
   tuned = lr_choice.chosen_runs(groups)
   commands = [c for out in out_dirs[1:]
               for cs in lr_choice.read_study(out)["invocations"].values() for c in cs]
   parts = ["## Each method at its own learning rate\n",
            "The tables above train every method at the configs' learning rate. Here each "
-           "method (model, target density) is run at several rates and reported at the one "
-           "with the best mean final accuracy on the validation split (held out from the "
-           "training set); test accuracy plays no part in the choice "
-           "(`benchmarks/lr_choice.py`). The configs' rate is the study above; the others "
-           "come from " + " and ".join(f"`{c}`" for c in commands) + ".\n", lr_choice.table(groups) + "\n"]
-  for model in sorted({r["model"] for r in tuned}):
-    parts.append(f"### {model}, at the chosen rates\n")
-    parts += model_section(tuned, model, plots_dir, rel, f"{model}_accuracy_tuned_lr.png")
+           "method (model, budget, target density) is run at several rates and reported at "
+           "the one with the best mean final accuracy on the validation split (held out "
+           "from the training set); test accuracy plays no part in the choice "
+           "(`benchmarks/lr_choice.py`). The configs' rate is the study above; the other "
+           "rates come from these commands:\n",
+           "\n".join(f"- `{c}`" for c in commands) + "\n", lr_choice.table(groups) + "\n"]
+  for model, epochs in sorted({(r["model"], r["epochs"]) for r in tuned}):
+    runs = [r for r in tuned if r["model"] == model and r["epochs"] == epochs]
+    parts.append(f"### {model}, {epochs:g} epochs, at the chosen rates\n")
+    parts += model_section(runs, model, plots_dir, rel,
+                           f"{model}_{epochs:g}ep_accuracy_tuned_lr.png")
   return parts
 
 

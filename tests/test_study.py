@@ -57,11 +57,11 @@ def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path, study_flags):
   assert os.path.getmtime(summary) == mtime
 
 
-def _fake_study(out, lr, runs):
+def _fake_study(out, lr, runs, epochs=6.0):
   """A study directory with ``runs`` [(label, seed, final val, test)] at learning rate lr."""
   entries = {}
   for label, seed, val, test in runs:
-    name = f"mlp/{label}_s{seed}"
+    name = f"mlp/{label}_e{epochs:g}_s{seed}"
     os.makedirs(out / name)
     (out / name / "config.json").write_text(json.dumps({"optimizer": {"learning_rate": lr}}))
     (out / name / "metrics.jsonl").write_text(
@@ -71,7 +71,8 @@ def _fake_study(out, lr, runs):
     entries[name] = {"run": name, "model": "mlp", "label": label, "target": 1.0 if label ==
                      "dense" else 0.1, "method": label.split()[0], "seed": seed,
                      "accuracy": test, "density": 0.1, "flops": 10.0 if dense else 1.0,
-                     "step_ms": 2.0, "state_mb": 1.0, "step_mb": 2.0, "rss_mb": 500.0}
+                     "step_ms": 2.0, "state_mb": 1.0, "step_mb": 2.0, "rss_mb": 500.0,
+                     "epochs": epochs}
   (out / "study.json").write_text(json.dumps(
       {"runs": entries, "invocations": {"mlp": [f"python -m benchmarks.study lr={lr}"]}}))
   return str(out)
@@ -83,7 +84,7 @@ def test_lr_choice_picks_by_validation_not_test(tmp_path):
   high = _fake_study(tmp_path / "b", 5e-3, [("gradual", 0, 0.85, 0.80), ("gradual", 1, 0.85, 0.80),
                                             ("gradual", 2, 0.99, 0.99)])
   rows = [r for r in lr_choice.table(lr_choice.collect([low, high])).splitlines()[2:]]
-  assert len(rows) == 2  # static ran at one learning rate only
+  assert len(rows) == 2  # static: only in the first study, the configs' rate
   chosen = [r for r in rows if "**yes**" in r]
   assert len(chosen) == 1 and "| 0.005 | 2 |" in chosen[0]  # seed 2 left out: seeds 0, 1 only
   assert "85.00 ± 0.00" in chosen[0] and "80.00 ± 0.00" in chosen[0]
@@ -101,4 +102,21 @@ def test_results_report_each_method_at_its_chosen_rate(tmp_path):
   assert "| kpd r4 | 0.1 | 1 | 89.50 |" in text and "| dense | 1 | 1 | 90.00 |" in text
   assert "89.50% vs dense 90.00% (gap 0.50 points; target ≤ 1.0: met)" in text
   assert "89.50% vs 86.00% (met: at least as accurate); FLOPs 0.10x" in text
-  assert os.path.exists(tmp_path / "plots" / "mlp_accuracy_tuned_lr.png")
+  assert os.path.exists(tmp_path / "plots" / "mlp_6ep_accuracy_tuned_lr.png")
+
+
+def test_lr_choice_keeps_budgets_apart_and_marks_a_single_rate(tmp_path):
+  short = _fake_study(tmp_path / "a", 1e-3, [("dense", 0, 0.95, 0.95), ("gradual", 0, 0.9, 0.9)],
+                      epochs=2.0)
+  long_hi = _fake_study(tmp_path / "b", 1e-2, [("dense", 0, 0.90, 0.90), ("gradual", 0, 0.8, 0.8)])
+  long_lo = _fake_study(tmp_path / "c", 5e-3, [("dense", 0, 0.92, 0.93)])
+  groups = lr_choice.collect([short, long_hi, long_lo])
+  assert set(groups) == {("mlp", 6.0, "dense", 1.0), ("mlp", 6.0, "gradual", 0.1)}
+  chosen = {r["label"]: (r["lr"], r["accuracy"]) for r in lr_choice.chosen_runs(groups)}
+  assert chosen == {"dense": (5e-3, 0.93), "gradual": (1e-2, 0.8)}  # not the 2-epoch runs
+  rows = lr_choice.table(groups).splitlines()[2:]
+  assert [r for r in rows if "gradual" in r] == [
+      "| mlp | 6 | gradual | 0.1 | 0.01 | 1 | 80.00 ± 0.00 | 80.00 ± 0.00 | the only rate run |"]
+  text = "\n".join(study.tuned_section([short, long_hi, long_lo], str(tmp_path / "p"), "p"))
+  assert "### mlp, 6 epochs, at the chosen rates" in text and "2 epochs" not in text
+  assert "| dense | 1 | 1 | 93.00 |" in text and "| gradual | 0.1 | 1 | 80.00 |" in text
