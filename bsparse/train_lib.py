@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from bsparse import data as data_lib
 from bsparse import layers as layers_lib
-from bsparse import (baselines, checkpoints, finetune, metric_writers, models, plots,
-                     selection, sparsity, validate)
+from bsparse import (baselines, checkpoints, finetune, kernels, metric_writers, models,
+                     plots, selection, sparsity, validate)
 from bsparse.checkpoints import checkpoint_manager, save_config
 
 
@@ -154,22 +154,29 @@ def eval_step(state: TrainState, batch, *, model: nn.Module, num_classes: int,
 
 
 class Steps:
-  """The jitted train and eval steps with their shardings over ``mesh``."""
+  """The jitted train and eval steps with their shardings over ``mesh``; block-sparse
+  kernels in them work on each device's part of the batch (``kernels.split_batch``)."""
 
   def __init__(self, model, tx, num_classes: int, mesh, label_smoothing: float = 0.0,
                nan_policy: str = "stop", consts: dict | None = None):
     self.mesh = mesh
     self.replicated = NamedSharding(mesh, P())
     self.batch_sharding = NamedSharding(mesh, P("data"))
-    self.train = jax.jit(
-        lambda s, b: train_step(s, b, model=model, tx=tx, num_classes=num_classes,
-                                label_smoothing=label_smoothing,
-                                skip_nonfinite=nan_policy == "skip", consts=consts),
-        in_shardings=(self.replicated, self.batch_sharding),
-        out_shardings=(self.replicated, self.replicated), donate_argnums=0)
-    self.eval = jax.jit(
-        lambda s, b: eval_step(s, b, model=model, num_classes=num_classes, consts=consts),
-        in_shardings=(self.replicated, self.batch_sharding), out_shardings=self.replicated)
+
+    def train(s, b):
+      with kernels.split_batch(mesh, "data"):
+        return train_step(s, b, model=model, tx=tx, num_classes=num_classes,
+                          label_smoothing=label_smoothing,
+                          skip_nonfinite=nan_policy == "skip", consts=consts)
+
+    def evaluate(s, b):
+      with kernels.split_batch(mesh, "data"):
+        return eval_step(s, b, model=model, num_classes=num_classes, consts=consts)
+
+    self.train = jax.jit(train, in_shardings=(self.replicated, self.batch_sharding),
+                         out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+    self.eval = jax.jit(evaluate, in_shardings=(self.replicated, self.batch_sharding),
+                        out_shardings=self.replicated)
 
   def put_batch(self, local_batch: dict) -> dict:
     """Assembles each process's slice into one global batch sharded over ``data``."""

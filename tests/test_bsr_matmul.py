@@ -198,6 +198,31 @@ def test_shape_mismatch_is_an_error():
     ops.bsr_matmul(jnp.ones((2, 17)), w)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("rows", [12, 10])  # 12 split over 4 devices; 10 cannot be
+def test_split_batch_runs_each_device_on_its_rows(impl, rows):
+  mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  w = make("empty_row_and_col")
+  x, ct = inputs(w, False, lead=(rows,))
+  on_rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  x, ct = (jax.device_put(v, on_rows) if rows % 4 == 0 else v for v in (x, ct))
+  f = jax.value_and_grad(loss_sparse(impl, False), argnums=(0, 1), has_aux=True)
+
+  def split(*args):
+    with ops.split_batch(mesh, "data"):
+      return f(*args)
+
+  step = jax.jit(split)
+  (_, y), (dx, dblocks) = step(x, w.blocks, w, ct)
+  (_, y_ref), (dx_ref, dblocks_ref) = grads(loss_dense(False), x, w, ct)
+  chex.assert_trees_all_close((y, dx, dblocks), (y_ref, dx_ref, dblocks_ref),
+                              atol=1e-4, rtol=1e-4)
+  hlo = step.lower(x, w.blocks, w, ct).compile().as_text()
+  # Split: the block gradient is summed over devices, no device sees all rows of x.
+  assert ("all-gather" not in hlo and "all-reduce" in hlo) == (rows % 4 == 0)
+
+
 def export_text(impl, platform, block_shape, dtype, transpose=False):
   rng = np.random.default_rng(0)
   (bm, bn), grid = block_shape, (2, 3)

@@ -56,6 +56,33 @@ def test_the_switch_keeps_the_function(name, shape):
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_sharded_block_sparse_step_equals_single_device():
+  c = helpers.tiny("cnn_fmnist", 2)
+  model = train_lib.build_model(c, 10)
+  x = jnp.zeros((1, 28, 28, 1))
+  params = jax.device_get(_zero_some_selectors(
+      model.init(jax.random.key(0), x)["params"], jax.random.key(2)))
+  switch, bsr_params = finetune.switch_from_params(params, step=0)
+  bsr_params = jax.device_get(bsr_params)  # host copies: the steps donate the state
+  bsr_model = train_lib.build_model(c, 10, switch)
+  tx = optax.adam(1e-2)
+  rng = np.random.default_rng(0)
+  batches = [{"image": rng.normal(size=(16, 28, 28, 1)).astype(np.float32),
+              "label": rng.integers(0, 10, 16).astype(np.int32)} for _ in range(2)]
+  results = []
+  for n in (1, 8):
+    steps = train_lib.Steps(bsr_model, tx, 10, train_lib.data_mesh(jax.devices()[:n]),
+                            consts=switch.index())
+    state = steps.put_state(train_lib.create_state({"params": bsr_params}, tx))
+    for b in batches:
+      state, _ = steps.train(state, steps.put_batch(b))
+    results.append(jax.device_get(state.params))
+  chex.assert_trees_all_close(results[0], results[1], rtol=1e-4, atol=1e-5)
+  # The kernels see each device's 2 images: no device gathers the batch.
+  hlo = steps.train.lower(state, steps.put_batch(batches[0])).compile().as_text()
+  assert "all-gather" not in hlo
+
+
 def test_continue_schedules_restarts_the_moments_but_not_the_learning_rate():
   lr = optax.linear_schedule(1.0, 0.0, 100)
   tx = optax.adamw(lr, weight_decay=0.0)

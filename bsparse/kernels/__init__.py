@@ -7,7 +7,7 @@
 - ``convert``: KPD params -> BSR layer variables.
 """
 from bsparse.kernels.bsr import BSR, from_dense, from_indices, from_kron, indices_from_mask
-from bsparse.kernels.ops import bsr_matmul, resolve_impl, set_impl, use_impl
+from bsparse.kernels.ops import bsr_matmul, resolve_impl, set_impl, split_batch, use_impl
 
 __all__ = ["BSR", "bsr_matmul", "from_dense", "from_indices", "from_kron",
-           "indices_from_mask", "resolve_impl", "set_impl", "use_impl"]
+           "indices_from_mask", "resolve_impl", "set_impl", "split_batch", "use_impl"]

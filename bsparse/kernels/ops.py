@@ -17,6 +17,13 @@ A choice falls back to ``'xla'`` when its constraints are not met (Pallas block 
 no C++ compiler for ``'cpu'``; ``resolve_impl`` says what will run), except in interpret
 mode, where the Pallas kernels run on any backend and any block shape (for tests).
 Accumulation is f32; the output has ``x.dtype``.
+
+Data parallelism: XLA cannot split a custom call (the FFI and Pallas kernels) over a
+mesh, so under ``jit`` with the batch sharded it would gather the whole batch onto every
+device and repeat the product there. Traced inside ``split_batch(mesh, axis)`` (the
+trainer's steps are), the kernels run under ``jax.shard_map`` instead: each device
+multiplies its own rows of ``x`` by the replicated ``W``, and the block gradient is the
+``psum`` over ``axis`` of each device's sampled product.
 """
 from __future__ import annotations
 
@@ -27,6 +34,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jax.sharding import PartitionSpec as P
 
 from bsparse.kernels import bsr as bsr_lib
 from bsparse.kernels import cpu, pallas_gpu, pallas_tpu, xla
@@ -39,6 +48,7 @@ _BY_BACKEND = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cpu": "cpu"}
 class _Settings:
   impl: str = "auto"
   interpret: bool = False
+  split: tuple[jax.sharding.Mesh, str] | None = None  # (mesh, batch axis): split_batch
 
 
 _SETTINGS = _Settings()
@@ -73,6 +83,29 @@ def use_impl(impl: str | None = "auto", interpret: bool | None = None):
     _SETTINGS.impl, _SETTINGS.interpret = old.impl, old.interpret
 
 
+@contextlib.contextmanager
+def split_batch(mesh: jax.sharding.Mesh, axis: str):
+  """Products traced inside run on each device's rows of ``x`` (``x``'s leading dims
+  sharded over ``mesh`` axis ``axis``, the weight replicated), under ``jax.shard_map``.
+  Like ``use_impl``, it is read when a function is traced."""
+  old = _SETTINGS.split
+  _SETTINGS.split = (mesh, axis)
+  try:
+    yield
+  finally:
+    _SETTINGS.split = old
+
+
+def _split_for(rows: int) -> tuple[jax.sharding.Mesh, str] | None:
+  """The ``split_batch`` setting when it applies to ``rows`` rows of ``x``: an axis of
+  more than one device that divides them (otherwise XLA places the product)."""
+  if _SETTINGS.split is None:
+    return None
+  mesh, axis = _SETTINGS.split
+  size = mesh.shape[axis]
+  return (mesh, axis) if size > 1 and rows % size == 0 else None
+
+
 def resolve_impl(impl: str | None, w: bsr_lib.BSR, dtype, interpret: bool = False) -> str:
   """The implementation ``bsr_matmul`` runs for ``impl`` on this weight and dtype."""
   impl = _check(impl)
@@ -105,25 +138,44 @@ def bsr_matmul(x: jax.Array, w: bsr_lib.BSR, transpose: bool = False,
   interpret = _SETTINGS.interpret if interpret is None else bool(interpret)
   impl = resolve_impl(impl, w, x.dtype, interpret)
   lead = x.shape[:-1]
-  y = _matmul(impl, interpret, transpose, x.reshape(-1, k_in), w)
+  x = x.reshape(-1, k_in)
+  y = _matmul(impl, interpret, transpose, _split_for(x.shape[0]), x, w)
   return y.reshape(*lead, y.shape[-1])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _matmul(impl, interpret, transpose, x, w):
-  return IMPLS[impl].matmul(x, w, transpose, interpret=interpret)
+def _per_shard(fn, split, row_args: tuple[bool, ...], rows_out: bool):
+  """``fn`` itself, or under ``shard_map`` over ``split``: the arguments flagged in
+  ``row_args`` (and the output when ``rows_out``) split by rows, the others replicated."""
+  if split is None:
+    return fn
+  mesh, axis = split
+  spec = lambda by_rows: P(axis) if by_rows else P()
+  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(map(spec, row_args)),
+                       out_specs=spec(rows_out), check_vma=False)
 
 
-def _matmul_fwd(impl, interpret, transpose, x, w):
-  return _matmul(impl, interpret, transpose, x, w), (x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _matmul(impl, interpret, transpose, split, x, w):
+  product = lambda x, w: IMPLS[impl].matmul(x, w, transpose, interpret=interpret)
+  return _per_shard(product, split, (True, False), True)(x, w)
 
 
-def _matmul_bwd(impl, interpret, transpose, res, dy):
+def _matmul_fwd(impl, interpret, transpose, split, x, w):
+  return _matmul(impl, interpret, transpose, split, x, w), (x, w)
+
+
+def _matmul_bwd(impl, interpret, transpose, split, res, dy):
   x, w = res
   kernel = IMPLS[impl]
-  dx = kernel.matmul(dy, w, not transpose, interpret=interpret)
+  back = lambda dy, w: kernel.matmul(dy, w, not transpose, interpret=interpret)
+  dx = _per_shard(back, split, (True, False), True)(dy, w)
+
+  def sampled(a, b, w):  # this device's rows' share of every stored block's gradient
+    d = kernel.sddmm(a, b, w, interpret=interpret)
+    return d if split is None else jax.lax.psum(d, split[1])
+
   a, b = (dy, x) if transpose else (x, dy)
-  dblocks = kernel.sddmm(a, b, w, interpret=interpret)
+  dblocks = _per_shard(sampled, split, (True, True, False), False)(a, b, w)
   dblocks = jnp.where(w.valid()[:, None, None], dblocks, 0).astype(w.blocks.dtype)
   dw = w.replace(blocks=dblocks, rows=_int_zero(w.rows), cols=_int_zero(w.cols),
                  nnz=_int_zero(w.nnz))
