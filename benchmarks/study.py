@@ -464,8 +464,8 @@ def latency_table(results, model) -> str:
   return "\n".join(lines)
 
 
-def sweep_summary(results, model) -> tuple[str, list[str]]:
-  """The sweep table and the verdict lines of the selection."""
+def sweep_summary(results, model) -> tuple[str, list[tuple[str, str, bool]]]:
+  """The sweep table and the selection's checks (``targets`` rows), per seed."""
   rs = [r for r in results if r["model"] == model and r["label"].startswith(("fixed",
                                                                               "select"))]
   if not rs:
@@ -478,30 +478,32 @@ def sweep_summary(results, model) -> tuple[str, list[str]]:
     lines.append(f"| {label} | {len(g)} | {_ms([100 * r['accuracy'] for r in g])} | "
                  f"{_ms([r['flops'] / 1e12 for r in g], '{:.3f}')} | "
                  f"{_ms([r['wall_s'] for r in g], '{:.0f}')} | {', '.join(chosen) or '-'} |")
-  verdict = []
+  checks = []
   fixed = {k: g for k, g in groups.items() if k.startswith("fixed")}
   if "select" in groups and fixed:
     best = max(fixed, key=lambda k: _mean(fixed[k], "accuracy"))
-    for r in groups["select"]:
+    for r in sorted(groups["select"], key=lambda r: r["seed"]):
       size = "x".join(map(str, next(iter(r.get("chosen", {}).values()), [])))
+      who = f"selection, seed {r['seed']}"
       mine = fixed.get(f"fixed {size}")
       if mine is None:
-        verdict.append(f"seed {r['seed']}: chose {size or 'nothing'}, not in the sweep.")
+        checks.append((f"{who}: picks a size of the sweep", f"chose {size or 'nothing'}",
+                       False))
         continue
       gap = 100 * (_mean(fixed[best], "accuracy") - _mean(mine, "accuracy"))
       cost = r["flops"] / _mean(mine, "flops")
       wall = r["wall_s"] / _mean(mine, "wall_s")
-      verdict.append(
-          f"seed {r['seed']}: chose {size}; its fixed run is {gap:.2f} points below the best "
-          f"fixed size ({best.removeprefix('fixed ')}) — target ≤ 0.5: "
-          f"{'met' if gap <= 0.5 else 'missed'}; the selection run cost {cost:.2f}x the "
-          f"FLOPs ({'met' if cost <= 1.5 else 'missed'}) and {wall:.2f}x the wall time "
-          f"({'met' if wall <= 1.5 else 'missed'}) of that fixed run — target ≤ 1.5x.")
-  return "\n".join(lines), verdict
+      checks += [
+          (f"{who}: its size's fixed run within 0.5 points of the best fixed size",
+           f"chose {size}, {gap:.2f} below {best.removeprefix('fixed ')}", gap <= 0.5),
+          (f"{who}: training FLOPs ≤ 1.5x that fixed run", f"{cost:.2f}x", cost <= 1.5),
+          (f"{who}: wall time ≤ 1.5x that fixed run", f"{wall:.2f}x", wall <= 1.5)]
+  return "\n".join(lines), checks
 
 
-def verdicts(results, model, rank_label: str) -> list[str]:
-  """The done-when checks of the study at the lowest density."""
+def targets(results, model, rank_label: str) -> list[tuple[str, str, bool]]:
+  """The done-when checks of KPD row ``rank_label`` at the study's lowest density:
+  ``(target, measured, met)``."""
   rs = [r for r in results if r["model"] == model and not r["label"].startswith(("fixed",
                                                                                  "select"))]
   low = min((r["target"] for r in rs if r["method"] != "dense"), default=None)
@@ -513,19 +515,35 @@ def verdicts(results, model, rank_label: str) -> list[str]:
   if not kpd or not dense:
     return []
   acc = lambda g: 100 * _mean(g, "accuracy")
-  out = [f"{rank_label} at density {low:g}: {acc(kpd):.2f}% vs dense {acc(dense):.2f}% "
-         f"(gap {acc(dense) - acc(kpd):.2f} points; target ≤ 1.0: "
-         f"{'met' if acc(dense) - acc(kpd) <= 1.0 else 'missed'})."]
+  who = f"{rank_label} at density {low:g}"
+  gap = acc(dense) - acc(kpd)
+  out = [(f"{who}: within 1.0 point of dense",
+          f"{acc(kpd):.2f}% vs {acc(dense):.2f}% (gap {gap:.2f})", gap <= 1.0)]
   for other in ("gradual", "group_lasso"):
     g = get(other)
-    if g:
-      out.append(f"  - {rank_label} vs {other} at {low:g}: {acc(kpd):.2f}% vs {acc(g):.2f}% "
-                 f"({'met' if acc(kpd) >= acc(g) else 'missed'}: at least as accurate); "
-                 f"FLOPs {_mean(kpd, 'flops') / _mean(g, 'flops'):.2f}x (target ≤ 0.3: "
-                 f"{'met' if _mean(kpd, 'flops') <= 0.3 * _mean(g, 'flops') else 'missed'}); "
-                 f"step time {_mean(kpd, 'step_ms'):.2f} vs {_mean(g, 'step_ms'):.2f} ms; "
-                 f"step memory {_mean(kpd, 'step_mb'):.1f} vs {_mean(g, 'step_mb'):.1f} MB.")
+    if not g:
+      continue
+    flops = _mean(kpd, "flops") / _mean(g, "flops")
+    pair = lambda k, fmt: (f"{fmt.format(_mean(kpd, k))} vs {fmt.format(_mean(g, k))}",
+                           _mean(kpd, k) < _mean(g, k))
+    out += [(f"{who}: at least as accurate as {other}",
+             f"{acc(kpd):.2f}% vs {acc(g):.2f}% ({acc(kpd) - acc(g):+.2f})",
+             acc(kpd) >= acc(g)),
+            (f"{who}: training FLOPs ≤ 0.3x {other}", f"{flops:.2f}x", flops <= 0.3),
+            (f"{who}: step time below {other}", *pair("step_ms", "{:.2f} ms")),
+            (f"{who}: step memory below {other}", *pair("step_mb", "{:.1f} MB"))]
   return out
+
+
+def targets_table(checks, lead: tuple[str, ...] = ()) -> str:
+  """``targets`` rows as a Markdown table; ``lead``: names of leading columns, each
+  check then starts with their values."""
+  lines = ["| " + " | ".join((*lead, "target", "measured", "verdict")) + " |",
+           "|" + "---|" * (len(lead) + 3)]
+  for c in checks:
+    *head, measured, met = c
+    lines.append("| " + " | ".join((*head, measured, "met" if met else "**missed**")) + " |")
+  return "\n".join(lines)
 
 
 def plot_accuracy(results, model, path) -> str:
@@ -576,10 +594,9 @@ def model_section(results, model, plots_dir, rel, plot_name: str) -> list[str]:
   of one model."""
   parts = [main_table(results, model) + "\n", f"![{model}]({rel}/{plot_name})\n"]
   plot_accuracy(results, model, os.path.join(plots_dir, plot_name))
-  checks = [c for label in kpd_labels(results, model) for c in verdicts(results, model, label)]
+  checks = [c for label in kpd_labels(results, model) for c in targets(results, model, label)]
   if checks:
-    parts.append("Targets (lowest density):\n\n" + "\n".join(
-        c if c.startswith("  - ") else f"- {c}" for c in checks) + "\n")
+    parts.append("Targets:\n\n" + targets_table(checks) + "\n")
   return parts
 
 
@@ -606,6 +623,32 @@ def tuned_section(out_dirs: list[str], plots_dir: str, rel: str) -> list[str]:
   return parts
 
 
+def glance(results, tuned) -> list[str]:
+  """The done-when checks in one table: KPD against the baselines, at the chosen learning
+  rates when ``tuned`` (``lr_choice.chosen_runs``) has runs, and the block-size selection."""
+  rows = []
+  if tuned:
+    for model, epochs in sorted({(r["model"], r["epochs"]) for r in tuned}):
+      runs = [r for r in tuned if r["model"] == model and r["epochs"] == epochs]
+      budget = f"{epochs:g} epochs, tuned rates"
+      rows += [(model, budget, *c) for label in kpd_labels(runs, model)
+               for c in targets(runs, model, label)]
+  for model in sorted({r["model"] for r in results}):
+    rs = [r for r in results if r["model"] == model]
+    budget = f"{rs[0]['epochs']:g} epochs"
+    if not tuned:
+      rows += [(model, budget, *c) for label in kpd_labels(rs, model)
+               for c in targets(rs, model, label)]
+    rows += [(model, budget, *c) for c in sweep_summary(rs, model)[1]]
+  if not rows:
+    return []
+  where = (" (KPD and the baselines at the learning rates chosen on validation, section "
+           "\"Each method at its own learning rate\")" if tuned else "")
+  return ["## Targets at a glance\n",
+          f"The done-when checks{where}; the sections below have the tables they come "
+          "from.\n", targets_table(rows, ("model", "budget")) + "\n"]
+
+
 def write_results(study: dict, path: str, plots_dir: str, lr_dirs=()) -> None:
   """Writes the study's report; ``lr_dirs``: this study and its learning-rate variants,
   for the section at the chosen rates (none when empty)."""
@@ -622,6 +665,8 @@ def write_results(study: dict, path: str, plots_dir: str, lr_dirs=()) -> None:
            "and RSS were measured on a machine that other jobs shared at times: the ± "
            "shows that spread, and the analytic FLOPs are the stable cost measure. Peak "
            "RSS is mostly the JAX runtime and the dataset (about 0.6 GB for any method).\n"]
+  parts += glance(results, lr_choice.chosen_runs(lr_choice.collect(lr_dirs)) if lr_dirs
+                  else [])
   for model in models:
     rs = [r for r in results if r["model"] == model]
     parts.append(f"## {model}\n")
@@ -639,7 +684,8 @@ def write_results(study: dict, path: str, plots_dir: str, lr_dirs=()) -> None:
     table, sel = sweep_summary(results, model)
     if table:
       parts.append("### Block size: fixed sizes vs the one-run selection\n\n" + table + "\n")
-      parts.append("\n".join(f"- {v}" for v in sel) + "\n")
+      if sel:
+        parts.append(targets_table(sel) + "\n")
   if lr_dirs:
     parts += tuned_section(lr_dirs, plots_dir, rel)
   with open(path, "w", encoding="utf-8") as f:

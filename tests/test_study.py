@@ -46,6 +46,9 @@ def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path, study_flags):
   text = results.read_text()
   assert "| gradual | 0.5 |" in text and "one-run selection" in text
   assert "| kpd r2 +bsr | 0.5 |" in text and "kpd r2 +bsr at density 0.5" in text
+  glance = text[text.index("## Targets at a glance"):text.index("## mlp")]
+  assert "| mlp | 2 epochs | kpd r2 at density 0.5: within 1.0 point of dense |" in glance
+  assert "| mlp | 2 epochs | selection, seed 0: training FLOPs ≤ 1.5x that fixed run |" in glance
   assert os.path.exists(tmp_path / "plots" / "mlp_accuracy.png")
   assert "Reproduce with `python -m benchmarks.study" in text
   # A finished run is not trained again (an interrupted study resumes).
@@ -100,8 +103,13 @@ def test_results_report_each_method_at_its_chosen_rate(tmp_path):
   text = "\n".join(study.tuned_section([low, high], str(tmp_path / "plots"), "plots"))
   assert "`python -m benchmarks.study lr=0.01`" in text  # the other rate's command
   assert "| kpd r4 | 0.1 | 1 | 89.50 |" in text and "| dense | 1 | 1 | 90.00 |" in text
-  assert "89.50% vs dense 90.00% (gap 0.50 points; target ≤ 1.0: met)" in text
-  assert "89.50% vs 86.00% (met: at least as accurate); FLOPs 0.10x" in text
+  assert ("| kpd r4 at density 0.1: within 1.0 point of dense | 89.50% vs 90.00% (gap 0.50) "
+          "| met |") in text
+  assert ("| kpd r4 at density 0.1: at least as accurate as gradual | 89.50% vs 86.00% "
+          "(+3.50) | met |") in text
+  assert "| kpd r4 at density 0.1: training FLOPs ≤ 0.3x gradual | 0.10x | met |" in text
+  # The fake runs all take 2 ms a step: not below gradual.
+  assert "0.1: step time below gradual | 2.00 ms vs 2.00 ms | **missed** |" in text
   assert os.path.exists(tmp_path / "plots" / "mlp_6ep_accuracy_tuned_lr.png")
 
 
