@@ -277,6 +277,10 @@ def make_optimizer(config, steps_per_epoch: int, total_steps: int
 
   Weight decay applies to dense kernels and to the KPD factors ``A``/``B`` (which keeps the
   ``S``/``A`` scale in check), never to selectors, biases or norm parameters.
+  ``optimizer.factor_lr_scale`` multiplies the factors' updates: Adam moves every entry by
+  about the learning rate, and a factor entry (std ``(2 / fan_in / rank) ** 0.25``) is
+  several times larger than a dense weight (``(2 / fan_in) ** 0.5``), so at one learning
+  rate a factored weight changes by a smaller fraction per step than a dense one.
   Returns ``(tx, lr_schedule, lam_schedule)``.
   """
   method = config.get("method", "kpd")  # configs saved before methods existed are KPD
@@ -292,6 +296,10 @@ def make_optimizer(config, steps_per_epoch: int, total_steps: int
   if method != "kpd":
     tx, lam = baselines.make(config, base, lr, steps_per_epoch)
     return tx, lr, lam
+  factor_scale = opt.get("factor_lr_scale", 1.0)  # configs saved before it existed: 1
+  if factor_scale != 1.0:
+    factors = lambda p: jax.tree.map(lambda l: l == "factor", param_labels(p))
+    base = optax.chain(base, optax.masked(optax.scale(factor_scale), factors))
   lam = lam_schedule(sp.lam, int(sp.start_epoch * steps_per_epoch),
                      int(sp.ramp_epochs * steps_per_epoch))
   freeze = int(sp.freeze_epoch * steps_per_epoch) if sp.freeze_epoch >= 0 else -1

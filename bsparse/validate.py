@@ -189,6 +189,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optimizer.weight_decay": _AT_LEAST_0,
     "optimizer.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "optimizer.grad_clip": _AT_LEAST_0,
+    "optimizer.factor_lr_scale": _POSITIVE,
     "layers.rank": _AT_LEAST_1,
     "sparsity.lam": _AT_LEAST_0,
     "sparsity.start_epoch": _AT_LEAST_0,

@@ -32,6 +32,7 @@ def get_config() -> config_dict.ConfigDict:
   c.optimizer.weight_decay = 1e-4  # dense kernels and KPD factors A, B
   c.optimizer.momentum = 0.9  # sgd only
   c.optimizer.grad_clip = 0.0  # global-norm clip; 0 = off
+  c.optimizer.factor_lr_scale = 1.0  # KPD factors A, B step at this times the learning rate
 
   # Weight layers: 'dense' or 'kpd' (W = sum_k (S * A_k) kron B_k, block = shape of B).
   c.layers = config_dict.ConfigDict()

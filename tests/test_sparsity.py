@@ -116,6 +116,31 @@ def test_make_optimizer_decays_factors_not_selectors():
   assert sparsity.sparsity_state(state) is not None
 
 
+def test_factor_lr_scale_multiplies_the_factor_steps_only():
+  params = params_tree()
+  grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(3), p.shape), params)
+
+  def third_update(scale):  # past the warm-up step with lr = 0
+    c = base.get_config()
+    c.optimizer.warmup_epochs = 0.0
+    c.optimizer.factor_lr_scale = scale
+    tx, _, _ = sparsity.make_optimizer(c, steps_per_epoch=10, total_steps=100)
+    state = tx.init(params)
+    for _ in range(3):
+      updates, state = tx.update(grads, state, params)
+    return updates
+
+  one, three = third_update(1.0), third_update(3.0)
+  assert np.all(np.asarray(one["fc1"]["kron_3x2"]["A"]) != 0)
+  for layer, leaf in (("kron_3x2", "A"), ("kron_3x2", "B")):
+    np.testing.assert_allclose(three["fc1"][layer][leaf], 3 * one["fc1"][layer][leaf],
+                               rtol=1e-6)
+  np.testing.assert_array_equal(three["fc1"]["kron_3x2"]["S"], one["fc1"]["kron_3x2"]["S"])
+  for layer, leaf in (("fc1", "bias"), ("head", "kernel")):
+    assert np.all(np.asarray(one[layer][leaf]) != 0)
+    np.testing.assert_array_equal(three[layer][leaf], one[layer][leaf])
+
+
 def test_lam_schedule_warms_up_then_ramps():
   lam = sparsity.lam_schedule(1.0, start_step=10, ramp_steps=10)
   assert float(lam(5)) == 0.0
