@@ -73,6 +73,10 @@ _PRUNE = flags.DEFINE_list(
     "prune", ["once"], "KPD pruning schedules (sparsity.prune_schedule), a row each per rank "
     "and fine-tuning form: once (top-k at the freeze), cubic (gradual from the penalty's "
     "start to the freeze; label suffix ' cubic').")
+_FACTOR_LR = flags.DEFINE_list(
+    "factor_lr_scales", ["1"], "KPD factor step multipliers (optimizer.factor_lr_scale), a "
+    "row each per rank, fine-tuning form and pruning schedule; label suffix ', factors "
+    "lr×<scale>' for scales other than 1.")
 _METHODS = flags.DEFINE_list("methods", list(("group_lasso", "gradual", "set", "rigl",
                                               "static")), "Baselines to run beside KPD.")
 _SWEEP = flags.DEFINE_bool("sweep", True, "Also run the block-size sweep and the selection.")
@@ -135,7 +139,8 @@ def schedule(epochs: float) -> dict[str, float]:
 
 
 def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
-         sweep_density: float, finetunes=("kpd",), prunes=("once",)) -> list[Run]:
+         sweep_density: float, finetunes=("kpd",), prunes=("once",),
+         factor_lr_scales=(1.0,)) -> list[Run]:
   runs = []
   sch = schedule(epochs)
   common = (("num_epochs", epochs), ("progress_bar", False))
@@ -144,11 +149,14 @@ def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
       base = common + (("seed", seed),)
       runs.append(Run(model, "dense", "dense", 1.0, seed, base + (("method", "dense"),)))
       for d in densities:
-        for r, f, p in ((r, f, p) for r in ranks for f in finetunes for p in prunes):
+        for r, f, p, k in ((r, f, p, k) for r in ranks for f in finetunes for p in prunes
+                           for k in factor_lr_scales):
           extra = ((("sparsity.finetune", "bsr"),) if f == "bsr" else ()) + (
-              (("sparsity.prune_schedule", "cubic"),) if p == "cubic" else ())
+              (("sparsity.prune_schedule", "cubic"),) if p == "cubic" else ()) + (
+              (("optimizer.factor_lr_scale", k),))
           label = f"kpd r{r}" + (" +bsr" if f == "bsr" else "") + (" cubic" if p == "cubic"
-                                                                   else "")
+                                                                   else "") + (
+              f", factors lr×{k:g}" if k != 1 else "")
           runs.append(Run(model, label, "kpd", d, seed, base + (
               ("layers.rank", r), ("sparsity.target_density", d),
               *((k, v) for k, v in sch.items() if k.startswith("sparsity.")), *extra)))
@@ -187,7 +195,7 @@ def invocation() -> str:
   """This study's command line: the flags that differ from their defaults."""
   args = []
   for holder in (_OUT, _MODELS, _DENSITIES, _SEEDS, _EPOCHS, _RANKS, _FINETUNE, _PRUNE,
-                 _METHODS, _SWEEP,
+                 _FACTOR_LR, _METHODS, _SWEEP,
                  _SWEEP_DENSITY, _RESULTS, _PLOTS_DIR, _LATENCY_BATCH, _OVERRIDES,
                  _LR_STUDIES, _IN_PROCESS, _REPORT_ONLY):
     flag = flags.FLAGS[holder.name]
@@ -712,7 +720,8 @@ def main(argv):
     return
   runs = plan(_MODELS.value, [float(d) for d in _DENSITIES.value],
               [int(s) for s in _SEEDS.value], ranks, _METHODS.value, _EPOCHS.value,
-              _SWEEP.value, _SWEEP_DENSITY.value, _FINETUNE.value, _PRUNE.value)
+              _SWEEP.value, _SWEEP_DENSITY.value, _FINETUNE.value, _PRUNE.value,
+              [float(k) for k in _FACTOR_LR.value])
   unique = list({r.name: r for r in runs}.values())
   print(f"{len(unique)} runs in {out}")
   for i, run in enumerate(unique):

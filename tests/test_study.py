@@ -60,6 +60,16 @@ def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path, study_flags):
   assert os.path.getmtime(summary) == mtime
 
 
+def test_plan_has_a_kpd_row_per_factor_step_multiplier():
+  runs = study.plan(["cnn"], [0.1], [0], [4], [], 6.0, False, 0.25, ("bsr",), ("cubic",),
+                    (1.0, 3.0))
+  kpd = {r.label: dict(r.overrides) for r in runs if r.method == "kpd"}
+  assert set(kpd) == {"kpd r4 +bsr cubic", "kpd r4 +bsr cubic, factors lr×3"}
+  assert kpd["kpd r4 +bsr cubic, factors lr×3"]["optimizer.factor_lr_scale"] == 3.0
+  assert kpd["kpd r4 +bsr cubic"]["optimizer.factor_lr_scale"] == 1.0
+  assert len({r.name for r in runs}) == len(runs) == 3  # dense and the two KPD rows
+
+
 def _fake_study(out, lr, runs, epochs=6.0):
   """A study directory with ``runs`` [(label, seed, final val, test)] at learning rate lr."""
   entries = {}
