@@ -12,6 +12,9 @@ def get_config():
   c.layers.block_shapes.fc1 = (16, 16)  # 3136x128 -> 196x8 grid
   c.layers.rank = 4
   c.layers.ranks.conv2 = 1  # its factored phase then costs ~1/4 of a dense conv (kron.conv_costs)
+  # Factor entries are ~4x larger than dense weights here (fc1: 0.11 vs 0.025): 3x steps.
+  # 2 epochs at density 0.1, lr 1e-2, seeds 0-2: 89.34/89.31/88.90% against 88.81/88.52/88.90%.
+  c.optimizer.factor_lr_scale = 3.0
   c.sparsity.lam = 2e-3
   c.sparsity.start_epoch = 1.0
   c.sparsity.ramp_epochs = 2.0
