@@ -613,8 +613,8 @@ def tuned_section(out_dirs: list[str], plots_dir: str, rel: str) -> list[str]:
   and the done-when checks per model and budget."""
   groups = lr_choice.collect(out_dirs)
   tuned = lr_choice.chosen_runs(groups)
-  commands = [c for out in out_dirs[1:]
-              for cs in lr_choice.read_study(out)["invocations"].values() for c in cs]
+  commands = [shown(c) for out in out_dirs[1:]
+               for cs in lr_choice.read_study(out)["invocations"].values() for c in cs]
   parts = ["## Each method at its own learning rate\n",
            "The tables above train every method at the configs' learning rate. Here each "
            "method (model, budget, target density) is run at several rates and reported at "
@@ -629,6 +629,16 @@ def tuned_section(out_dirs: list[str], plots_dir: str, rel: str) -> list[str]:
     parts += model_section(runs, model, plots_dir, rel,
                            f"{model}_{epochs:g}ep_accuracy_tuned_lr.png")
   return parts
+
+
+def shown(command: str) -> str:
+  """A recorded study command as the report shows it: without ``--results`` and
+  ``--plots_dir`` (where that invocation wrote its own report; the runs do not depend on
+  them) and with ``--out`` relative to the working directory when it lies below it."""
+  words = [w for w in command.split() if not w.startswith(("--results=", "--plots_dir="))]
+  here = os.getcwd() + os.sep
+  return " ".join(f"--out={w[len('--out=') + len(here):]}"
+                  if w.startswith("--out=" + here) else w for w in words)
 
 
 def glance(results, tuned) -> list[str]:
@@ -680,7 +690,7 @@ def write_results(study: dict, path: str, plots_dir: str, lr_dirs=()) -> None:
     parts.append(f"## {model}\n")
     parts.append(f"Budget: {rs[0]['epochs']:g} epochs, seeds "
                  f"{', '.join(map(str, sorted({r['seed'] for r in rs})))}. Reproduce with "
-                 + " then ".join(f"`{c}`" for c in study["invocations"].get(model, []))
+                 + " then ".join(f"`{shown(c)}`" for c in study["invocations"].get(model, []))
                  + "." + layer_ranks_note(model) + "\n")
     parts += model_section(results, model, plots_dir, rel, f"{model}_accuracy.png")
     lat = latency_table(results, model)

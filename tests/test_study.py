@@ -70,6 +70,15 @@ def test_plan_has_a_kpd_row_per_factor_step_multiplier():
   assert len({r.name for r in runs}) == len(runs) == 3  # dense and the two KPD rows
 
 
+def test_report_shows_commands_without_report_paths(monkeypatch, tmp_path):
+  monkeypatch.chdir(tmp_path)
+  recorded = (f"python -m benchmarks.study --out={tmp_path}/runs/s --models=cnn "
+              "--results=/elsewhere/r.md --plots_dir=/elsewhere/p")
+  assert study.shown(recorded) == "python -m benchmarks.study --out=runs/s --models=cnn"
+  assert study.shown("python -m benchmarks.study --out=/data/s") == (
+      "python -m benchmarks.study --out=/data/s")
+
+
 def _fake_study(out, lr, runs, epochs=6.0):
   """A study directory with ``runs`` [(label, seed, final val, test)] at learning rate lr."""
   entries = {}
