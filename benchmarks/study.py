@@ -586,6 +586,17 @@ def kpd_labels(results, model) -> list[str]:
   return sorted(labels, key=lambda l: (int(l.split()[1][1:]), l))
 
 
+def kpd_targets(results, model) -> list[tuple[str, str, bool]]:
+  """``targets`` of every KPD row of ``model``."""
+  return [c for label in kpd_labels(results, model) for c in targets(results, model, label)]
+
+
+def budgets(runs):
+  """``(model, epochs, runs of that model and budget)``, sorted."""
+  for model, epochs in sorted({(r["model"], r["epochs"]) for r in runs}):
+    yield model, epochs, [r for r in runs if r["model"] == model and r["epochs"] == epochs]
+
+
 def layer_ranks_note(model: str) -> str:
   """Names the per-layer KPD ranks the model's config fixes (a row's ``r`` is the rest)."""
   path = f"configs/{CONFIG_FILES[model]}.py"
@@ -602,17 +613,16 @@ def model_section(results, model, plots_dir, rel, plot_name: str) -> list[str]:
   of one model."""
   parts = [main_table(results, model) + "\n", f"![{model}]({rel}/{plot_name})\n"]
   plot_accuracy(results, model, os.path.join(plots_dir, plot_name))
-  checks = [c for label in kpd_labels(results, model) for c in targets(results, model, label)]
+  checks = kpd_targets(results, model)
   if checks:
     parts.append("Targets:\n\n" + targets_table(checks) + "\n")
   return parts
 
 
-def tuned_section(out_dirs: list[str], plots_dir: str, rel: str) -> list[str]:
+def tuned_section(out_dirs: list[str], groups: dict, plots_dir: str, rel: str) -> list[str]:
   """Every method at its own learning rate, chosen on validation accuracy; a table, plot
-  and the done-when checks per model and budget."""
-  groups = lr_choice.collect(out_dirs)
-  tuned = lr_choice.chosen_runs(groups)
+  and the done-when checks per model and budget. ``groups``: ``lr_choice.collect`` of
+  ``out_dirs``."""
   commands = [shown(c) for out in out_dirs[1:]
                for cs in lr_choice.read_study(out)["invocations"].values() for c in cs]
   parts = ["## Each method at its own learning rate\n",
@@ -623,8 +633,7 @@ def tuned_section(out_dirs: list[str], plots_dir: str, rel: str) -> list[str]:
            "(`benchmarks/lr_choice.py`). The configs' rate is the study above; the other "
            "rates come from these commands:\n",
            "\n".join(f"- `{c}`" for c in commands) + "\n", lr_choice.table(groups) + "\n"]
-  for model, epochs in sorted({(r["model"], r["epochs"]) for r in tuned}):
-    runs = [r for r in tuned if r["model"] == model and r["epochs"] == epochs]
+  for model, epochs, runs in budgets(lr_choice.chosen_runs(groups)):
     parts.append(f"### {model}, {epochs:g} epochs, at the chosen rates\n")
     parts += model_section(runs, model, plots_dir, rel,
                            f"{model}_{epochs:g}ep_accuracy_tuned_lr.png")
@@ -644,20 +653,11 @@ def shown(command: str) -> str:
 def glance(results, tuned) -> list[str]:
   """The done-when checks in one table: KPD against the baselines, at the chosen learning
   rates when ``tuned`` (``lr_choice.chosen_runs``) has runs, and the block-size selection."""
-  rows = []
-  if tuned:
-    for model, epochs in sorted({(r["model"], r["epochs"]) for r in tuned}):
-      runs = [r for r in tuned if r["model"] == model and r["epochs"] == epochs]
-      budget = f"{epochs:g} epochs, tuned rates"
-      rows += [(model, budget, *c) for label in kpd_labels(runs, model)
-               for c in targets(runs, model, label)]
-  for model in sorted({r["model"] for r in results}):
-    rs = [r for r in results if r["model"] == model]
-    budget = f"{rs[0]['epochs']:g} epochs"
-    if not tuned:
-      rows += [(model, budget, *c) for label in kpd_labels(rs, model)
-               for c in targets(rs, model, label)]
-    rows += [(model, budget, *c) for c in sweep_summary(rs, model)[1]]
+  rows = [(model, f"{epochs:g} epochs, tuned rates", *c)
+          for model, epochs, runs in budgets(tuned) for c in kpd_targets(runs, model)]
+  for model, epochs, rs in budgets(results):
+    checks = ([] if tuned else kpd_targets(rs, model)) + sweep_summary(rs, model)[1]
+    rows += [(model, f"{epochs:g} epochs", *c) for c in checks]
   if not rows:
     return []
   where = (" (KPD and the baselines at the learning rates chosen on validation, section "
@@ -683,8 +683,8 @@ def write_results(study: dict, path: str, plots_dir: str, lr_dirs=()) -> None:
            "and RSS were measured on a machine that other jobs shared at times: the ± "
            "shows that spread, and the analytic FLOPs are the stable cost measure. Peak "
            "RSS is mostly the JAX runtime and the dataset (about 0.6 GB for any method).\n"]
-  parts += glance(results, lr_choice.chosen_runs(lr_choice.collect(lr_dirs)) if lr_dirs
-                  else [])
+  groups = lr_choice.collect(lr_dirs) if lr_dirs else {}
+  parts += glance(results, lr_choice.chosen_runs(groups))
   for model in models:
     rs = [r for r in results if r["model"] == model]
     parts.append(f"## {model}\n")
@@ -705,7 +705,7 @@ def write_results(study: dict, path: str, plots_dir: str, lr_dirs=()) -> None:
       if sel:
         parts.append(targets_table(sel) + "\n")
   if lr_dirs:
-    parts += tuned_section(lr_dirs, plots_dir, rel)
+    parts += tuned_section(lr_dirs, groups, plots_dir, rel)
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(parts))
 

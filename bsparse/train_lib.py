@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -163,20 +164,22 @@ class Steps:
     self.replicated = NamedSharding(mesh, P())
     self.batch_sharding = NamedSharding(mesh, P("data"))
 
-    def train(s, b):
-      with kernels.split_batch(mesh, "data"):
-        return train_step(s, b, model=model, tx=tx, num_classes=num_classes,
-                          label_smoothing=label_smoothing,
-                          skip_nonfinite=nan_policy == "skip", consts=consts)
+    def on_rows(step):  # traced with the block-sparse products split by batch rows
+      def traced(s, b):
+        with kernels.split_batch(mesh, "data"):
+          return step(s, b)
+      return traced
 
-    def evaluate(s, b):
-      with kernels.split_batch(mesh, "data"):
-        return eval_step(s, b, model=model, num_classes=num_classes, consts=consts)
-
-    self.train = jax.jit(train, in_shardings=(self.replicated, self.batch_sharding),
-                         out_shardings=(self.replicated, self.replicated), donate_argnums=0)
-    self.eval = jax.jit(evaluate, in_shardings=(self.replicated, self.batch_sharding),
-                        out_shardings=self.replicated)
+    self.train = jax.jit(
+        on_rows(functools.partial(train_step, model=model, tx=tx, num_classes=num_classes,
+                                  label_smoothing=label_smoothing,
+                                  skip_nonfinite=nan_policy == "skip", consts=consts)),
+        in_shardings=(self.replicated, self.batch_sharding),
+        out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+    self.eval = jax.jit(
+        on_rows(functools.partial(eval_step, model=model, num_classes=num_classes,
+                                  consts=consts)),
+        in_shardings=(self.replicated, self.batch_sharding), out_shardings=self.replicated)
 
   def put_batch(self, local_batch: dict) -> dict:
     """Assembles each process's slice into one global batch sharded over ``data``."""

@@ -119,7 +119,8 @@ def test_results_report_each_method_at_its_chosen_rate(tmp_path):
       ("dense", 0, 0.89, 0.99), ("kpd r4", 0, 0.88, 0.895), ("gradual", 0, 0.86, 0.86)])
   chosen = {r["label"]: r["lr"] for r in lr_choice.chosen_runs(lr_choice.collect([low, high]))}
   assert chosen == {"dense": 1e-3, "kpd r4": 1e-2, "gradual": 1e-2}
-  text = "\n".join(study.tuned_section([low, high], str(tmp_path / "plots"), "plots"))
+  text = "\n".join(study.tuned_section([low, high], lr_choice.collect([low, high]),
+                                         str(tmp_path / "plots"), "plots"))
   assert "`python -m benchmarks.study lr=0.01`" in text  # the other rate's command
   assert "| kpd r4 | 0.1 | 1 | 89.50 |" in text and "| dense | 1 | 1 | 90.00 |" in text
   assert ("| kpd r4 at density 0.1: within 1.0 point of dense | 89.50% vs 90.00% (gap 0.50) "
@@ -144,6 +145,7 @@ def test_lr_choice_keeps_budgets_apart_and_marks_a_single_rate(tmp_path):
   rows = lr_choice.table(groups).splitlines()[2:]
   assert [r for r in rows if "gradual" in r] == [
       "| mlp | 6 | gradual | 0.1 | 0.01 | 1 | 80.00 ± 0.00 | 80.00 ± 0.00 | the only rate run |"]
-  text = "\n".join(study.tuned_section([short, long_hi, long_lo], str(tmp_path / "p"), "p"))
+  text = "\n".join(study.tuned_section(
+      [short, long_hi, long_lo], groups, str(tmp_path / "p"), "p"))
   assert "### mlp, 6 epochs, at the chosen rates" in text and "2 epochs" not in text
   assert "| dense | 1 | 1 | 93.00 |" in text and "| gradual | 0.1 | 1 | 80.00 |" in text
