@@ -2,6 +2,7 @@
 missing data. Every run is a tiny MLP on ``tfds.testing.mock_data``."""
 import importlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -158,10 +159,11 @@ def truncate(path):
     f.truncate(os.path.getsize(path) // 2)
 
 
-def garble(path):
-  raw = bytearray(open(path, "rb").read())
-  raw[len(raw) // 2] ^= 0xFF
-  open(path, "wb").write(bytes(raw))
+def replace_arrays(checkpoint, source):
+  """Gives ``checkpoint`` the (intact) arrays of ``source``: it reads back, but wrong.
+  (Flipping a byte of the compressed data is caught by zstd or not, by chance.)"""
+  shutil.rmtree(checkpoint / "default")
+  shutil.copytree(source / "default", checkpoint / "default")
 
 
 def largest_file(directory):
@@ -174,7 +176,7 @@ def test_corrupt_checkpoints_are_set_aside_and_the_run_resumes(tmp_path, caplog)
   finished = train(c, tmp_path)
   final = restore(c, tmp_path)
   truncate(largest_file(tmp_path / "checkpoints" / "6"))  # the arrays' data file
-  garble(largest_file(tmp_path / "checkpoints" / "4"))  # reads back, but wrong
+  replace_arrays(tmp_path / "checkpoints" / "4", tmp_path / "checkpoints" / "2")
 
   assert int(restore(c, tmp_path).step) == 2  # what eval.py does: skips, renames nothing
   assert steps_on_disk(tmp_path) == [2, 4, 6]
