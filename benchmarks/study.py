@@ -31,6 +31,8 @@ plots in ``--plots_dir``:
 from __future__ import annotations
 
 import dataclasses
+import fractions
+import itertools
 import json
 import math
 import os
@@ -77,6 +79,11 @@ _FACTOR_LR = flags.DEFINE_list(
     "factor_lr_scales", ["1"], "KPD factor step multipliers (optimizer.factor_lr_scale), a "
     "row each per rank, fine-tuning form and pruning schedule; label suffix ', factors "
     "lr×<scale>' for scales other than 1.")
+_FREEZES = flags.DEFINE_list(
+    "freeze_fractions", ["1/3"], "Where KPD masks fix (sparsity.freeze_epoch), as fractions "
+    "of the run, a row each per rank, fine-tuning form, pruning schedule and factor step; "
+    "label suffix ', mask fixed at <fraction>' for fractions other than 1/3. The cubic "
+    "pruning ends there too (gradual pruning ends at 1/2).")
 _METHODS = flags.DEFINE_list("methods", list(("group_lasso", "gradual", "set", "rigl",
                                               "static")), "Baselines to run beside KPD.")
 _SWEEP = flags.DEFINE_bool("sweep", True, "Also run the block-size sweep and the selection.")
@@ -140,26 +147,30 @@ def schedule(epochs: float) -> dict[str, float]:
 
 def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
          sweep_density: float, finetunes=("kpd",), prunes=("once",),
-         factor_lr_scales=(1.0,)) -> list[Run]:
+         factor_lr_scales=(1.0,), freezes=(fractions.Fraction(1, 3),)) -> list[Run]:
   runs = []
   sch = schedule(epochs)
+  kpd_sch = {k: v for k, v in sch.items()
+             if k.startswith("sparsity.") and k != "sparsity.freeze_epoch"}
   common = (("num_epochs", epochs), ("progress_bar", False))
   for model in models:
     for seed in seeds:
       base = common + (("seed", seed),)
       runs.append(Run(model, "dense", "dense", 1.0, seed, base + (("method", "dense"),)))
       for d in densities:
-        for r, f, p, k in ((r, f, p, k) for r in ranks for f in finetunes for p in prunes
-                           for k in factor_lr_scales):
+        for r, f, p, k, z in itertools.product(ranks, finetunes, prunes, factor_lr_scales,
+                                               freezes):
           extra = ((("sparsity.finetune", "bsr"),) if f == "bsr" else ()) + (
               (("sparsity.prune_schedule", "cubic"),) if p == "cubic" else ()) + (
-              (("optimizer.factor_lr_scale", k),))
+              ("optimizer.factor_lr_scale", k),
+              ("sparsity.freeze_epoch", epochs * z.numerator / z.denominator))
           label = f"kpd r{r}" + (" +bsr" if f == "bsr" else "") + (" cubic" if p == "cubic"
                                                                    else "") + (
-              f", factors lr×{k:g}" if k != 1 else "")
+              f", factors lr×{k:g}" if k != 1 else "") + (
+              f", mask fixed at {z}" if z != fractions.Fraction(1, 3) else "")
           runs.append(Run(model, label, "kpd", d, seed, base + (
-              ("layers.rank", r), ("sparsity.target_density", d),
-              *((k, v) for k, v in sch.items() if k.startswith("sparsity.")), *extra)))
+              ("layers.rank", r), ("sparsity.target_density", d), *kpd_sch.items(),
+              *extra)))
         for m in methods:
           runs.append(Run(model, m, m, d, seed, base + (
               ("method", m), ("baseline.target_density", d),
@@ -195,7 +206,7 @@ def invocation() -> str:
   """This study's command line: the flags that differ from their defaults."""
   args = []
   for holder in (_OUT, _MODELS, _DENSITIES, _SEEDS, _EPOCHS, _RANKS, _FINETUNE, _PRUNE,
-                 _FACTOR_LR, _METHODS, _SWEEP,
+                 _FACTOR_LR, _FREEZES, _METHODS, _SWEEP,
                  _SWEEP_DENSITY, _RESULTS, _PLOTS_DIR, _LATENCY_BATCH, _OVERRIDES,
                  _LR_STUDIES, _IN_PROCESS, _REPORT_ONLY):
     flag = flags.FLAGS[holder.name]
@@ -731,7 +742,8 @@ def main(argv):
   runs = plan(_MODELS.value, [float(d) for d in _DENSITIES.value],
               [int(s) for s in _SEEDS.value], ranks, _METHODS.value, _EPOCHS.value,
               _SWEEP.value, _SWEEP_DENSITY.value, _FINETUNE.value, _PRUNE.value,
-              [float(k) for k in _FACTOR_LR.value])
+              [float(k) for k in _FACTOR_LR.value],
+              [fractions.Fraction(z) for z in _FREEZES.value])
   unique = list({r.name: r for r in runs}.values())
   print(f"{len(unique)} runs in {out}")
   for i, run in enumerate(unique):

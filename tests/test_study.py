@@ -1,5 +1,6 @@
 """benchmarks/study.py end to end on mock data: runs, measures and writes RESULTS.md; and
 benchmarks/lr_choice.py on fabricated studies."""
+import fractions
 import json
 import os
 
@@ -68,6 +69,19 @@ def test_plan_has_a_kpd_row_per_factor_step_multiplier():
   assert kpd["kpd r4 +bsr cubic, factors lr×3"]["optimizer.factor_lr_scale"] == 3.0
   assert kpd["kpd r4 +bsr cubic"]["optimizer.factor_lr_scale"] == 1.0
   assert len({r.name for r in runs}) == len(runs) == 3  # dense and the two KPD rows
+
+
+def test_plan_has_a_kpd_row_per_mask_freeze_point():
+  runs = study.plan(["cnn"], [0.1], [0], [4], ["gradual"], 6.0, False, 0.25, ("bsr",),
+                    ("cubic",), (1.0,), (fractions.Fraction(1, 3), fractions.Fraction(1, 2)))
+  kpd = {r.label: dict(r.overrides) for r in runs if r.method == "kpd"}
+  assert set(kpd) == {"kpd r4 +bsr cubic", "kpd r4 +bsr cubic, mask fixed at 1/2"}
+  assert kpd["kpd r4 +bsr cubic"]["sparsity.freeze_epoch"] == 2.0
+  assert kpd["kpd r4 +bsr cubic, mask fixed at 1/2"]["sparsity.freeze_epoch"] == 3.0
+  gradual = next(dict(r.overrides) for r in runs if r.method == "gradual")
+  assert gradual["baseline.end_epoch"] == 3.0  # where gradual pruning fixes its mask
+  for r in runs:  # each key once: the command line has no conflicting duplicates
+    assert len({k for k, _ in r.overrides}) == len(r.overrides)
 
 
 def test_report_shows_commands_without_report_paths(monkeypatch, tmp_path):
