@@ -79,6 +79,10 @@ _FACTOR_LR = flags.DEFINE_list(
     "factor_lr_scales", ["1"], "KPD factor step multipliers (optimizer.factor_lr_scale), a "
     "row each per rank, fine-tuning form and pruning schedule; label suffix ', factors "
     "lr×<scale>' for scales other than 1.")
+_LAMS = flags.DEFINE_list(
+    "lams", [], "KPD L1 strengths (sparsity.lam), a row each per rank, fine-tuning form, "
+    "pruning schedule, factor step and freeze point; label suffix ', lam <value>'. Empty: "
+    "the config's own, no suffix.")
 _FREEZES = flags.DEFINE_list(
     "freeze_fractions", ["1/3"], "Where KPD masks fix (sparsity.freeze_epoch), as fractions "
     "of the run, a row each per rank, fine-tuning form, pruning schedule and factor step; "
@@ -147,7 +151,8 @@ def schedule(epochs: float) -> dict[str, float]:
 
 def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
          sweep_density: float, finetunes=("kpd",), prunes=("once",),
-         factor_lr_scales=(1.0,), freezes=(fractions.Fraction(1, 3),)) -> list[Run]:
+         factor_lr_scales=(1.0,), freezes=(fractions.Fraction(1, 3),),
+         lams=(None,)) -> list[Run]:
   runs = []
   sch = schedule(epochs)
   kpd_sch = {k: v for k, v in sch.items()
@@ -158,16 +163,18 @@ def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
       base = common + (("seed", seed),)
       runs.append(Run(model, "dense", "dense", 1.0, seed, base + (("method", "dense"),)))
       for d in densities:
-        for r, f, p, k, z in itertools.product(ranks, finetunes, prunes, factor_lr_scales,
-                                               freezes):
+        for r, f, p, k, z, lam in itertools.product(ranks, finetunes, prunes,
+                                                    factor_lr_scales, freezes, lams):
           extra = ((("sparsity.finetune", "bsr"),) if f == "bsr" else ()) + (
               (("sparsity.prune_schedule", "cubic"),) if p == "cubic" else ()) + (
               ("optimizer.factor_lr_scale", k),
-              ("sparsity.freeze_epoch", epochs * z.numerator / z.denominator))
+              ("sparsity.freeze_epoch", epochs * z.numerator / z.denominator)) + (
+              (("sparsity.lam", lam),) if lam is not None else ())
           label = f"kpd r{r}" + (" +bsr" if f == "bsr" else "") + (" cubic" if p == "cubic"
                                                                    else "") + (
               f", factors lr×{k:g}" if k != 1 else "") + (
-              f", mask fixed at {z}" if z != fractions.Fraction(1, 3) else "")
+              f", mask fixed at {z}" if z != fractions.Fraction(1, 3) else "") + (
+              f", lam {lam:g}" if lam is not None else "")
           runs.append(Run(model, label, "kpd", d, seed, base + (
               ("layers.rank", r), ("sparsity.target_density", d), *kpd_sch.items(),
               *extra)))
@@ -206,7 +213,7 @@ def invocation() -> str:
   """This study's command line: the flags that differ from their defaults."""
   args = []
   for holder in (_OUT, _MODELS, _DENSITIES, _SEEDS, _EPOCHS, _RANKS, _FINETUNE, _PRUNE,
-                 _FACTOR_LR, _FREEZES, _METHODS, _SWEEP,
+                 _FACTOR_LR, _LAMS, _FREEZES, _METHODS, _SWEEP,
                  _SWEEP_DENSITY, _RESULTS, _PLOTS_DIR, _LATENCY_BATCH, _OVERRIDES,
                  _LR_STUDIES, _IN_PROCESS, _REPORT_ONLY):
     flag = flags.FLAGS[holder.name]
@@ -743,7 +750,8 @@ def main(argv):
               [int(s) for s in _SEEDS.value], ranks, _METHODS.value, _EPOCHS.value,
               _SWEEP.value, _SWEEP_DENSITY.value, _FINETUNE.value, _PRUNE.value,
               [float(k) for k in _FACTOR_LR.value],
-              [fractions.Fraction(z) for z in _FREEZES.value])
+              [fractions.Fraction(z) for z in _FREEZES.value],
+              [float(v) for v in _LAMS.value] or [None])
   unique = list({r.name: r for r in runs}.values())
   print(f"{len(unique)} runs in {out}")
   for i, run in enumerate(unique):

@@ -84,6 +84,16 @@ def test_plan_has_a_kpd_row_per_mask_freeze_point():
     assert len({k for k, _ in r.overrides}) == len(r.overrides)
 
 
+def test_plan_has_a_kpd_row_per_penalty_strength():
+  runs = study.plan(["mlp"], [0.1], [0], [4], [], 6.0, False, 0.25, lams=(0.0, 2e-3))
+  kpd = {r.label: dict(r.overrides) for r in runs if r.method == "kpd"}
+  assert set(kpd) == {"kpd r4, lam 0", "kpd r4, lam 0.002"}
+  assert kpd["kpd r4, lam 0"]["sparsity.lam"] == 0.0
+  assert kpd["kpd r4, lam 0.002"]["sparsity.lam"] == 2e-3
+  default = study.plan(["mlp"], [0.1], [0], [4], [], 6.0, False, 0.25)
+  assert "sparsity.lam" not in dict(next(r for r in default if r.method == "kpd").overrides)
+
+
 def test_report_shows_commands_without_report_paths(monkeypatch, tmp_path):
   monkeypatch.chdir(tmp_path)
   recorded = (f"python -m benchmarks.study --out={tmp_path}/runs/s --models=cnn "
