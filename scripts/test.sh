@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec python3 -m pytest -q tests "$@"
+exec python3 -m pytest -q --durations=15 tests "$@"

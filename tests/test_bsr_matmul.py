@@ -4,6 +4,7 @@ Pallas kernels run in interpret mode on CPU; ``jax.export`` lowers them for TPU 
 and CUDA (Triton) without the hardware. The C++ CPU kernels are compiled by the test
 setup (``scripts/setup.sh``) or on first use.
 """
+import contextlib
 import pathlib
 import subprocess
 import sys
@@ -223,14 +224,17 @@ def test_split_batch_runs_each_device_on_its_rows(impl, rows):
   assert ("all-gather" not in hlo and "all-reduce" in hlo) == (rows % 4 == 0)
 
 
-def export_text(impl, platform, block_shape, dtype, transpose=False):
+def export_text(impl, platform, block_shape, dtype, transpose=False, mesh=None):
+  """The module of a value-and-grad step lowered for ``platform``; with ``mesh``, ``x``'s
+  rows are sharded over its ``data`` axis and the step traced under ``split_batch``."""
   rng = np.random.default_rng(0)
   (bm, bn), grid = block_shape, (2, 3)
   mask = jnp.asarray(rng.random(grid) < 0.6)
   w = bsr.from_dense(jnp.ones((grid[0] * bm, grid[1] * bn), dtype), block_shape,
                      nnz_max=5, mask=mask)
   k = w.shape[1] if transpose else w.shape[0]
-  x = jax.ShapeDtypeStruct((256, k), dtype)
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")) if mesh else None
+  x = jax.ShapeDtypeStruct((256, k), dtype, sharding=rows)
 
   def step(x, w):
     f = lambda x, b: jnp.sum(  # noqa: E731
@@ -238,8 +242,10 @@ def export_text(impl, platform, block_shape, dtype, transpose=False):
     return jax.value_and_grad(f, argnums=(0, 1))(x, w.blocks)
 
   checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-  exported = jax.export.export(jax.jit(step), platforms=[platform],
-                               disabled_checks=checks)(x, w)
+  with ops.split_batch(mesh, "data") if mesh else contextlib.nullcontext():
+    exported = jax.export.export(jax.jit(step), platforms=[platform],
+                                 disabled_checks=checks)(x, w)
+  assert exported.nr_devices == (mesh.size if mesh else 1)
   return exported.mlir_module()
 
 
@@ -255,6 +261,19 @@ def test_pallas_tpu_lowers_for_tpu(dtype, transpose):
 def test_pallas_gpu_lowers_for_cuda(dtype, transpose):
   text = export_text("pallas_gpu", "cuda", (32, 64), dtype, transpose)
   assert text.count("__gpu$xla.gpu.triton") == 3  # forward, dx, dW
+
+
+@pytest.mark.parametrize("impl,platform,block_shape,call", [
+    ("pallas_tpu", "tpu", (128, 256), "tpu_custom_call"),
+    ("pallas_gpu", "cuda", (32, 64), "__gpu$xla.gpu.triton")])
+def test_split_batch_lowers_for_each_device_of_a_tpu_or_gpu_mesh(impl, platform, block_shape,
+                                                                 call):
+  mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  text = export_text(impl, platform, block_shape, jnp.float32, mesh=mesh)
+  assert text.count(call) == 3  # forward, dx, dW: once, inside the per-device body
+  # Each device multiplies its own 64 rows; only the block gradient crosses devices.
+  assert "all_gather" not in text and text.count("all_reduce") == 1
 
 
 def test_benchmark_prints_both_cpu_paths_beside_dense(tmp_path):
