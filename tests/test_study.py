@@ -173,3 +173,17 @@ def test_lr_choice_keeps_budgets_apart_and_marks_a_single_rate(tmp_path):
       [short, long_hi, long_lo], groups, str(tmp_path / "p"), "p"))
   assert "### mlp, 6 epochs, at the chosen rates" in text and "2 epochs" not in text
   assert "| dense | 1 | 1 | 93.00 |" in text and "| gradual | 0.1 | 1 | 80.00 |" in text
+
+
+def test_glance_checks_the_kpd_row_chosen_on_validation(tmp_path):
+  low = _fake_study(tmp_path / "a", 1e-3, [("dense", 0, 0.90, 0.90), ("gradual", 0, 0.85, 0.85),
+                                           ("kpd r4", 0, 0.80, 0.80),
+                                           ("kpd r4, lam 0", 0, 0.70, 0.70)])
+  high = _fake_study(tmp_path / "b", 1e-2, [("dense", 0, 0.89, 0.89), ("gradual", 0, 0.86, 0.86),
+                                            ("kpd r4", 0, 0.88, 0.80),
+                                            ("kpd r4, lam 0", 0, 0.87, 0.95)])
+  tuned = lr_choice.chosen_runs(lr_choice.collect([low, high]))
+  assert study.best_kpd_label(tuned, "mlp") == "kpd r4"  # best validation, not best test
+  text = "\n".join(study.glance([], tuned))
+  assert "| mlp | 6 epochs, tuned rates | kpd r4 at density 0.1: within 1.0 point of dense" in text
+  assert "lam 0" not in text
