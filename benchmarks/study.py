@@ -61,6 +61,8 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+KPD_FREEZE = fractions.Fraction(1, 3)  # of the run, where ``schedule`` fixes KPD masks
+
 _OUT = flags.DEFINE_string("out", "runs/study", "Directory of the study's runs.")
 _MODELS = flags.DEFINE_list("models", ["mlp", "cnn"], "Models: mlp, cnn.")
 _DENSITIES = flags.DEFINE_list("densities", ["0.5", "0.25", "0.1"], "Block densities.")
@@ -84,10 +86,10 @@ _LAMS = flags.DEFINE_list(
     "pruning schedule, factor step and freeze point; label suffix ', lam <value>'. Empty: "
     "the config's own, no suffix.")
 _FREEZES = flags.DEFINE_list(
-    "freeze_fractions", ["1/3"], "Where KPD masks fix (sparsity.freeze_epoch), as fractions "
-    "of the run, a row each per rank, fine-tuning form, pruning schedule and factor step; "
-    "label suffix ', mask fixed at <fraction>' for fractions other than 1/3. The cubic "
-    "pruning ends there too (gradual pruning ends at 1/2).")
+    "freeze_fractions", [str(KPD_FREEZE)], "Where KPD masks fix (sparsity.freeze_epoch), "
+    "as fractions of the run, a row each per rank, fine-tuning form, pruning schedule and "
+    "factor step; label suffix ', mask fixed at <fraction>' for fractions other than "
+    "1/3. The cubic pruning ends there too (gradual pruning ends at 1/2).")
 _METHODS = flags.DEFINE_list("methods", list(("group_lasso", "gradual", "set", "rigl",
                                               "static")), "Baselines to run beside KPD.")
 _SWEEP = flags.DEFINE_bool("sweep", True, "Also run the block-size sweep and the selection.")
@@ -151,8 +153,7 @@ def schedule(epochs: float) -> dict[str, float]:
 
 def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
          sweep_density: float, finetunes=("kpd",), prunes=("once",),
-         factor_lr_scales=(1.0,), freezes=(fractions.Fraction(1, 3),),
-         lams=(None,)) -> list[Run]:
+         factor_lr_scales=(1.0,), freezes=(KPD_FREEZE,), lams=(None,)) -> list[Run]:
   runs = []
   sch = schedule(epochs)
   kpd_sch = {k: v for k, v in sch.items()
@@ -165,19 +166,20 @@ def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
       for d in densities:
         for r, f, p, k, z, lam in itertools.product(ranks, finetunes, prunes,
                                                     factor_lr_scales, freezes, lams):
-          extra = ((("sparsity.finetune", "bsr"),) if f == "bsr" else ()) + (
-              (("sparsity.prune_schedule", "cubic"),) if p == "cubic" else ()) + (
-              ("optimizer.factor_lr_scale", k),
-              ("sparsity.freeze_epoch", epochs * z.numerator / z.denominator)) + (
-              (("sparsity.lam", lam),) if lam is not None else ())
-          label = f"kpd r{r}" + (" +bsr" if f == "bsr" else "") + (" cubic" if p == "cubic"
-                                                                   else "") + (
-              f", factors lr×{k:g}" if k != 1 else "") + (
-              f", mask fixed at {z}" if z != fractions.Fraction(1, 3) else "") + (
-              f", lam {lam:g}" if lam is not None else "")
-          runs.append(Run(model, label, "kpd", d, seed, base + (
-              ("layers.rank", r), ("sparsity.target_density", d), *kpd_sch.items(),
-              *extra)))
+          # (label suffix, overrides) per setting; the suffix is empty at the default.
+          parts = [
+              (f"kpd r{r}", (("layers.rank", r), ("sparsity.target_density", d),
+                             *kpd_sch.items())),
+              (" +bsr", (("sparsity.finetune", "bsr"),)) if f == "bsr" else ("", ()),
+              (" cubic", (("sparsity.prune_schedule", "cubic"),)) if p == "cubic"
+              else ("", ()),
+              (f", factors lr×{k:g}" if k != 1 else "",
+               (("optimizer.factor_lr_scale", k),)),
+              (f", mask fixed at {z}" if z != KPD_FREEZE else "",
+               (("sparsity.freeze_epoch", epochs * z.numerator / z.denominator),)),
+              (f", lam {lam:g}", (("sparsity.lam", lam),)) if lam is not None else ("", ())]
+          runs.append(Run(model, "".join(label for label, _ in parts), "kpd", d, seed,
+                          base + tuple(o for _, overrides in parts for o in overrides)))
         for m in methods:
           runs.append(Run(model, m, m, d, seed, base + (
               ("method", m), ("baseline.target_density", d),
