@@ -85,6 +85,12 @@ _LAMS = flags.DEFINE_list(
     "lams", [], "KPD L1 strengths (sparsity.lam), a row each per rank, fine-tuning form, "
     "pruning schedule, factor step and freeze point; label suffix ', lam <value>'. Empty: "
     "the config's own, no suffix.")
+_PENALTIES = flags.DEFINE_list(
+    "penalties", ["l1"], "KPD penalties (sparsity.penalty: l1, trimmed), a row each per "
+    "rank, fine-tuning form, pruning schedule, factor step, freeze point and strength; "
+    "label suffix ', trimmed L1' for trimmed.")
+flags.register_validator("penalties", lambda v: set(v) <= set(sparsity.PENALTIES),
+                         f"--penalties takes names from {', '.join(sparsity.PENALTIES)}.")
 _FREEZES = flags.DEFINE_list(
     "freeze_fractions", [str(KPD_FREEZE)], "Where KPD masks fix (sparsity.freeze_epoch), "
     "as fractions of the run, a row each per rank, fine-tuning form, pruning schedule and "
@@ -153,7 +159,8 @@ def schedule(epochs: float) -> dict[str, float]:
 
 def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
          sweep_density: float, finetunes=("kpd",), prunes=("once",),
-         factor_lr_scales=(1.0,), freezes=(KPD_FREEZE,), lams=(None,)) -> list[Run]:
+         factor_lr_scales=(1.0,), freezes=(KPD_FREEZE,), lams=(None,),
+         penalties=("l1",)) -> list[Run]:
   runs = []
   sch = schedule(epochs)
   kpd_sch = {k: v for k, v in sch.items()
@@ -164,8 +171,8 @@ def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
       base = common + (("seed", seed),)
       runs.append(Run(model, "dense", "dense", 1.0, seed, base + (("method", "dense"),)))
       for d in densities:
-        for r, f, p, k, z, lam in itertools.product(ranks, finetunes, prunes,
-                                                    factor_lr_scales, freezes, lams):
+        for r, f, p, k, z, lam, pen in itertools.product(
+            ranks, finetunes, prunes, factor_lr_scales, freezes, lams, penalties):
           # (label suffix, overrides) per setting; the suffix is empty at the default.
           parts = [
               (f"kpd r{r}", (("layers.rank", r), ("sparsity.target_density", d),
@@ -177,7 +184,9 @@ def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
                (("optimizer.factor_lr_scale", k),)),
               (f", mask fixed at {z}" if z != KPD_FREEZE else "",
                (("sparsity.freeze_epoch", epochs * z.numerator / z.denominator),)),
-              (f", lam {lam:g}", (("sparsity.lam", lam),)) if lam is not None else ("", ())]
+              (f", lam {lam:g}", (("sparsity.lam", lam),)) if lam is not None else ("", ()),
+              (", trimmed L1", (("sparsity.penalty", pen),)) if pen == "trimmed"
+              else ("", ())]
           runs.append(Run(model, "".join(label for label, _ in parts), "kpd", d, seed,
                           base + tuple(o for _, overrides in parts for o in overrides)))
         for m in methods:
@@ -762,7 +771,7 @@ def main(argv):
               _SWEEP.value, _SWEEP_DENSITY.value, _FINETUNE.value, _PRUNE.value,
               [float(k) for k in _FACTOR_LR.value],
               [fractions.Fraction(z) for z in _FREEZES.value],
-              [float(v) for v in _LAMS.value] or [None])
+              [float(v) for v in _LAMS.value] or [None], _PENALTIES.value)
   unique = list({r.name: r for r in runs}.values())
   print(f"{len(unique)} runs in {out}")
   for i, run in enumerate(unique):

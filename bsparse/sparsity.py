@@ -15,6 +15,12 @@ named ``S`` beside ``A`` and ``B``; see ``bsparse.layers``) it:
    ``freeze_step`` they keep their largest blocks on the cubic schedule of
    ``baselines.Gradual``, and a pruned block stays pruned.
 
+With ``trim_density`` the penalty is the **trimmed L1** norm (Bertsimas, Copenhaver and
+Mazumder, 2017): the ``floor(trim_density * blocks)`` largest blocks of a term (by block
+norm, as the pruning ranks them) are not shrunk. The penalty then only pushes the blocks
+beyond a layer's budget toward zero: it cannot take a layer below its target density,
+however strong, and the blocks that stay carry no shrinkage bias.
+
 The scale ambiguity of ``S * A`` (shrink ``S``, grow ``A``, dodge the penalty) is held in
 check by decoupled weight decay on ``A`` and ``B`` in the base optimizer
 (``make_optimizer``), which makes the balanced split the cheapest one.
@@ -142,7 +148,8 @@ def block_sparsity(lam: Schedule, lr: Schedule, lr_peak: float, freeze_step: int
                    target_density: float | None = None, penalty_after_freeze: bool = False,
                    anneal: Schedule | None = None, anneal_strength: float = 0.0,
                    select_step: int = -1, prune_start: int = -1,
-                   prune_every: int = 100) -> optax.GradientTransformation:
+                   prune_every: int = 100,
+                   trim_density: float | None = None) -> optax.GradientTransformation:
   """Proximal L1 on selectors, block-size annealing and the mask freeze.
 
   Args:
@@ -161,6 +168,8 @@ def block_sparsity(lam: Schedule, lr: Schedule, lr_peak: float, freeze_step: int
     prune_start: first step of gradual pruning to ``target_density`` (reached at
       ``freeze_step``); negative: prune once, at ``freeze_step``.
     prune_every: steps between gradual pruning steps.
+    trim_density: trimmed L1: each term's ``floor(trim_density * blocks)`` largest blocks
+      are spared the (un-annealed) threshold ``tau``. None: plain L1 on every block.
   """
   gradual = None
   if prune_start >= 0 and target_density is not None and freeze_step > prune_start:
@@ -189,8 +198,14 @@ def block_sparsity(lam: Schedule, lr: Schedule, lr_peak: float, freeze_step: int
       shares = candidate_shares(flat_p, terms)
       for path, share in zip(terms, shares):
         key = "/".join(path)
-        s_new = soft_threshold(flat_new[path + ("S",)],
-                               tau * (1 + anneal_strength * a_t * (1 - share)))
+        s_new = flat_new[path + ("S",)]
+        base = tau
+        if trim_density is not None:
+          spared = baselines.top_k_mask(
+              kron.block_norms(s_new, flat_new[path + ("A",)], flat_new[path + ("B",)]),
+              baselines.num_kept(trim_density, s_new.size))
+          base = jnp.where(spared, 0.0, tau)
+        s_new = soft_threshold(s_new, base + tau * anneal_strength * a_t * (1 - share))
         s_new = jnp.where(frozen, s_new * state.masks[key], s_new)
         if gradual is not None:
           s_new = _prune_gradually(gradual, count, s_new, state.masks[key],
@@ -256,6 +271,7 @@ def lr_schedule(name: str, peak: float, total_steps: int, warmup_steps: int) -> 
 
 
 OPTIMIZERS = ("adamw", "sgd")
+PENALTIES = ("l1", "trimmed")
 METHODS = ("kpd",) + baselines.METHODS
 
 
@@ -310,9 +326,10 @@ def make_optimizer(config, steps_per_epoch: int, total_steps: int
   select = int(sel.select_epoch * steps_per_epoch) if sel.select_epoch >= 0 else -1
   prune_start = (int(sp.start_epoch * steps_per_epoch)
                  if sp.get("prune_schedule", "once") == "cubic" else -1)
+  trim = target if sp.get("penalty", "l1") == "trimmed" else None
   tx = optax.chain(base, block_sparsity(lam, lr, opt.learning_rate, freeze, target,
                                         sp.penalty_after_freeze, anneal, sel.strength, select,
-                                        prune_start, sp.get("prune_every_steps", 100)))
+                                        prune_start, sp.get("prune_every_steps", 100), trim))
   return tx, lr, lam
 
 

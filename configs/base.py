@@ -55,6 +55,9 @@ def get_config() -> config_dict.ConfigDict:
   c.sparsity.prune_schedule = "once"
   c.sparsity.prune_every_steps = 100
   c.sparsity.penalty_after_freeze = False
+  # l1: every block shrinks; trimmed: each layer's target_density * blocks largest blocks
+  # are spared, so the penalty cannot take a layer below its target (bsparse/sparsity.py).
+  c.sparsity.penalty = "l1"
   # After the freeze: keep training the factors (kpd: every block stays in the span of the
   # rank-r basis B_k) or the kept blocks themselves in block-sparse form (bsr: free blocks,
   # nnz*bm*bn MACs per position; see bsparse/finetune.py).

@@ -282,6 +282,9 @@ BAD_CONFIGS = [  # (change, words the message must contain)
      ["config.layers.dense_layers = ('heads',)", "no layer named 'heads'", "fc1, fc2, head"]),
     ({"model_kwargs.hiden": (8,)}, ["config.model_kwargs", "hiden"]),
     ({"sparsity.lamb": 1e-3}, ["config.sparsity.lamb: unknown key", "did you mean 'lam'"]),
+    ({"sparsity.penalty": "l2"}, ["config.sparsity.penalty = 'l2'", "l1, trimmed"]),
+    ({"sparsity.penalty": "trimmed", "sparsity.target_density": 1.0},
+     ["config.sparsity.penalty = 'trimmed'", "target_density is 1.0", "set it in (0, 1)"]),
 ]
 
 

@@ -6,7 +6,7 @@ import optax
 import pytest
 
 from configs import base
-from bsparse import sparsity
+from bsparse import kron, sparsity
 
 
 def term(key, m1=4, n1=5, r=2, m2=3, n2=2):
@@ -184,3 +184,42 @@ def test_single_candidate_layers_are_never_dropped():
   updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   assert bool(state.alive["fc1/kron_3x2"])
   np.testing.assert_array_equal(updates["fc1"]["kron_3x2"]["S"], 0.0)
+
+
+def test_trimmed_penalty_spares_the_largest_blocks_and_never_goes_below_the_target():
+  params = params_tree()
+  t = params["fc1"]["kron_3x2"]
+  t["S"] = jnp.linspace(0.1, 2.0, 20).reshape(4, 5)
+  norms = np.asarray(kron.block_norms(t["S"], t["A"], t["B"]))
+  largest = norms >= np.sort(norms.ravel())[-5]  # 0.25 * 20 blocks
+  zeros = jax.tree.map(jnp.zeros_like, params)
+
+  def prox(**kwargs):
+    tx = sparsity.block_sparsity(lam=lambda t: 0.5, lr=lambda t: 1.0, lr_peak=1.0, **kwargs)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    return np.asarray(optax.apply_updates(params, updates)["fc1"]["kron_3x2"]["S"])
+
+  plain, trimmed = prox(), prox(trim_density=0.25)
+  s = np.asarray(t["S"])
+  np.testing.assert_allclose(trimmed[largest], s[largest])  # spared: no shrinkage
+  np.testing.assert_allclose(trimmed[~largest], plain[~largest])  # the rest: plain L1
+  assert not np.allclose(plain[largest], s[largest])
+  # However strong, the trimmed penalty leaves the target's blocks; plain L1 leaves none.
+  strong = sparsity.block_sparsity(lam=lambda t: 10.0, lr=lambda t: 1.0, lr_peak=1.0,
+                                   trim_density=0.25)
+  _, state = strong.update(zeros, strong.init(params), params)
+  np.testing.assert_array_equal(state.masks["fc1/kron_3x2"], largest)
+
+
+@pytest.mark.parametrize("penalty,kept", [("l1", 0), ("trimmed", 5)])
+def test_make_optimizer_applies_the_configured_penalty(penalty, kept):
+  c = base.get_config()
+  c.optimizer.warmup_epochs = 0.0
+  c.sparsity.update(lam=10.0, start_epoch=0.0, ramp_epochs=0.0, freeze_epoch=5.0,
+                    target_density=0.25, penalty=penalty)
+  tx, _, _ = sparsity.make_optimizer(c, steps_per_epoch=10, total_steps=100)
+  params = params_tree()
+  state = tx.init(params)
+  for _ in range(2):  # past the warm-up step with lr = 0
+    _, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+  assert int(sparsity.sparsity_state(state).masks["fc1/kron_3x2"].sum()) == kept

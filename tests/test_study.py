@@ -94,6 +94,15 @@ def test_plan_has_a_kpd_row_per_penalty_strength():
   assert "sparsity.lam" not in dict(next(r for r in default if r.method == "kpd").overrides)
 
 
+def test_plan_has_a_kpd_row_per_penalty():
+  runs = study.plan(["mlp"], [0.1], [0], [4], [], 6.0, False, 0.25,
+                    penalties=("l1", "trimmed"))
+  kpd = {r.label: dict(r.overrides) for r in runs if r.method == "kpd"}
+  assert set(kpd) == {"kpd r4", "kpd r4, trimmed L1"}
+  assert kpd["kpd r4, trimmed L1"]["sparsity.penalty"] == "trimmed"
+  assert "sparsity.penalty" not in kpd["kpd r4"]  # the default: the same run as before
+
+
 def test_report_shows_commands_without_report_paths(monkeypatch, tmp_path):
   monkeypatch.chdir(tmp_path)
   recorded = (f"python -m benchmarks.study --out={tmp_path}/runs/s --models=cnn "
