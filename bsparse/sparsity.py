@@ -199,13 +199,13 @@ def block_sparsity(lam: Schedule, lr: Schedule, lr_peak: float, freeze_step: int
       for path, share in zip(terms, shares):
         key = "/".join(path)
         s_new = flat_new[path + ("S",)]
-        base = tau
-        if trim_density is not None:
+        threshold = tau * (1 + anneal_strength * a_t * (1 - share))
+        if trim_density is not None:  # the budget's largest blocks skip the base tau
           spared = baselines.top_k_mask(
               kron.block_norms(s_new, flat_new[path + ("A",)], flat_new[path + ("B",)]),
               baselines.num_kept(trim_density, s_new.size))
-          base = jnp.where(spared, 0.0, tau)
-        s_new = soft_threshold(s_new, base + tau * anneal_strength * a_t * (1 - share))
+          threshold = threshold - jnp.where(spared, tau, 0.0)
+        s_new = soft_threshold(s_new, threshold)
         s_new = jnp.where(frozen, s_new * state.masks[key], s_new)
         if gradual is not None:
           s_new = _prune_gradually(gradual, count, s_new, state.masks[key],

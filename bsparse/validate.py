@@ -133,19 +133,21 @@ def _choice_problems(config) -> list[str]:
   if method in sparsity.METHODS and method != "kpd" and config.layers.kind != "dense":
     problems.append(_problem("layers.kind", config.layers.kind,
                              f"method {method!r} trains dense layers; valid: dense."))
-  return problems + _finetune_problems(config) + _prune_problems(config) + _penalty_problems(
-      config)
+  return (problems + _finetune_problems(config) + _prune_problems(config)
+          + _penalty_problems(config))
 
 
 def _penalty_problems(config) -> list[str]:
   """The trimmed penalty spares each layer's target budget, so it needs a target."""
   sp = config.sparsity
-  if sp.get("penalty", "l1") != "trimmed" or _method(config) != "kpd" or not _is_number(
-      sp.target_density, False) or 0 < sp.target_density < 1:
+  if sp.get("penalty", "l1") != "trimmed" or _method(config) != "kpd":
+    return []
+  target = sp.target_density
+  if not _is_number(target, False) or 0 < target < 1:
     return []
   return [_problem("sparsity.penalty", "trimmed", "spares each layer's target_density * "
-                   f"blocks largest blocks, but sparsity.target_density is "
-                   f"{sp.target_density}: set it in (0, 1), or penalty='l1'.")]
+                   f"blocks largest blocks, but sparsity.target_density is {target}: set "
+                   "it in (0, 1), or penalty='l1'.")]
 
 
 def _prune_problems(config) -> list[str]:
