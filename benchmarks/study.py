@@ -136,7 +136,7 @@ class Run:
 
   @property
   def name(self) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "_", self.label)
+    slug = re.sub(r"[^a-z0-9]+", "_", self.label.lower())
     return f"{self.model}/{slug}_d{self.density:g}_s{self.seed}"
 
   @property

@@ -101,6 +101,8 @@ def test_plan_has_a_kpd_row_per_penalty():
   assert set(kpd) == {"kpd r4", "kpd r4, trimmed L1"}
   assert kpd["kpd r4, trimmed L1"]["sparsity.penalty"] == "trimmed"
   assert "sparsity.penalty" not in kpd["kpd r4"]  # the default: the same run as before
+  names = {r.label: r.name for r in runs if r.method == "kpd"}
+  assert names["kpd r4, trimmed L1"] == "mlp/kpd_r4_trimmed_l1_d0.1_s0"  # capitals kept
 
 
 def test_report_shows_commands_without_report_paths(monkeypatch, tmp_path):
