@@ -17,7 +17,8 @@ plots in ``--plots_dir``:
 - training FLOPs, analytic: ``6 x forward MACs per example x examples`` (backward ~ 2x
   forward). Dense-start methods (dense, group_lasso, gradual) compute every weight;
   ``+bsr`` runs (``sparsity.finetune='bsr'``) count ``nnz*bm*bn`` per position for their
-  sparse layers after the switch to block-sparse form;
+  sparse layers after the switch to block-sparse form, every stored block of each switch
+  (an early switch's pruned blocks too, until the repack);
   set/rigl/static count their masked layers at the target density (what a block-sparse
   kernel would compute); KPD counts its factored contractions (``bsparse.kron`` cost
   model, cheaper order per layer) at the block density logged at each step for dense
@@ -54,7 +55,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks import lr_choice  # noqa: E402
-from bsparse import (baselines, checkpoints, cli, data, export,  # noqa: E402
+from bsparse import (baselines, checkpoints, cli, data, export, finetune,  # noqa: E402
                      metric_writers, report, selection, sparsity, train_lib)
 import matplotlib  # noqa: E402
 
@@ -328,17 +329,19 @@ def _term_costs(program, variables, image_shape) -> tuple[dict[str, Any], int]:
 
 
 def training_flops(run: Run, config, program, variables, image_shape, rows,
-                   switch=None) -> float:
-  """Analytic training FLOPs of the run (see the module docstring); ``switch``:
-  ``(step, MACs per example)`` of the block-sparse model a run switched to."""
+                   switches=()) -> float:
+  """Analytic training FLOPs of the run (see the module docstring); ``switches``:
+  ``(step, MACs per example)`` of each block-sparse model a run switched to, oldest
+  first."""
   costs, dense_macs = _term_costs(program, variables, image_shape)
   per_step = []  # (step, MACs per example)
   if run.method == "kpd":
     for r in rows:
       if "train/loss" not in r:
         continue
-      if switch is not None and r["step"] > switch[0]:
-        per_step.append((r["step"], switch[1]))
+      after = [macs for step, macs in switches if r["step"] > step]
+      if after:
+        per_step.append((r["step"], after[-1]))
       else:
         per_step.append((r["step"], dense_macs + sum(
             c(r[f"density/{k}"]) for k, c in costs.items() if f"density/{k}" in r)))
@@ -352,6 +355,16 @@ def training_flops(run: Run, config, program, variables, image_shape, rows,
     total += (step - prev) * macs
     prev = step
   return 6.0 * total * config.batch_size
+
+
+def bsr_macs(program, switch, image_shape) -> float:
+  """Forward MACs per example of the block-sparse model of ``switch``: every stored
+  block counts, pruned or not (``report.layer_table``)."""
+  x = np.zeros((1, *image_shape), np.float32)
+  variables = program.model.init(jax.random.key(0), x, train=False)
+  table = report.layer_table(program.model, {**variables, **switch.index()},
+                             (1, *image_shape))
+  return report.totals(table)["bsr_macs"]
 
 
 def dense_masked_macs(config, program, variables, image_shape) -> float:
@@ -392,11 +405,8 @@ def measure(run: Run, out: str, datasets, latency: bool) -> dict[str, Any]:
   # to block-sparse form; costs need shapes only, so its variables stay abstract.
   choice = selection.load_choice(workdir)
   initial = build(config) if choice or program.switch else program
-  switch = None
-  if program.switch is not None:
-    table = report.layer_table(program.model, jax.device_get(program.variables(state)),
-                               (1, *datasets.image_shape))
-    switch = (program.switch.step, report.totals(table)["bsr_macs"])
+  switches = [(s.step, bsr_macs(build(config, s), s, datasets.image_shape))
+              for s in finetune.load_switches(workdir)]
   x = jax.ShapeDtypeStruct((1, *datasets.image_shape), np.float32)
   init_vars = jax.eval_shape(lambda x: initial.model.init(jax.random.key(0), x, train=False), x)
   density = summary.get("density/weights", 1.0)
@@ -405,7 +415,7 @@ def measure(run: Run, out: str, datasets, latency: bool) -> dict[str, Any]:
             "density": density, "command": info["command"], "wall_s": info["wall_s"],
             "rss_mb": info["peak_rss_mb"],
             "flops": training_flops(run, config, initial, init_vars, datasets.image_shape,
-                                    rows, switch),
+                                    rows, switches),
             "step_ms": median_step_ms(rows, config.batch_size),
             **step_memory(program, state, config, datasets.image_shape)}
   if choice is not None:

@@ -13,8 +13,16 @@ The optimizer restarts its moments for the new parameters (their count starts at
 Adam's bias correction is right) while the learning-rate schedule continues where it was
 (``continue_schedules``). The block indices are constants of the compiled step, not
 parameters: the trainer records them, with the block densities at the switch, in
-``<workdir>/bsr_finetune.json`` (``save_switch``) before it saves the first checkpoint of
+``<workdir>/bsr_finetune.json`` (``save_switches``) before it saves the first checkpoint of
 the block-sparse model, so that a resumed run and ``eval.py`` rebuild that model.
+
+**An early switch** (``sparsity.switch_epoch`` between the start of cubic pruning and the
+freeze) converts the model while it still holds more blocks than its target. From then
+on the blocks themselves are pruned, by Frobenius norm, on the same cubic schedule
+(``sparsity.block_sparsity`` with ``bsr_grids``), so the blocks the pruning ranks have
+trained freely, as in gradual pruning of a dense model, at a fraction of its cost. After
+the freeze step ``repack`` keeps only the surviving blocks (the optimizer's moments of
+those blocks go on); the record then lists both switches.
 """
 from __future__ import annotations
 
@@ -43,22 +51,33 @@ def form(config: ml_collections.ConfigDict) -> str:
   return config.sparsity.get("finetune", "kpd")
 
 
-def boundary_step(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int | None:
-  """The step after which the model switches to block-sparse form (the step whose update
-  fixes the mask, ``freeze_step + 1``); None when it never does."""
-  if (form(config) != "bsr" or config.get("method", "kpd") != "kpd"
-      or config.sparsity.freeze_epoch < 0):
-    return None
-  return int(config.sparsity.freeze_epoch * steps_per_epoch) + 1
+def switches_early(config: ml_collections.ConfigDict) -> bool:
+  """Whether the model switches before the freeze and its blocks are pruned after that."""
+  sp = config.sparsity
+  return 0 <= sp.get("switch_epoch", -1.0) < sp.freeze_epoch
+
+
+def boundary_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> list[int]:
+  """The steps after which the model changes form: ``[freeze_step + 1]`` (the step whose
+  update fixes the mask), or with an early switch ``[switch_step + 1, freeze_step + 1]``
+  (the switch, then the repack); empty when it never switches."""
+  sp = config.sparsity
+  if form(config) != "bsr" or config.get("method", "kpd") != "kpd" or sp.freeze_epoch < 0:
+    return []
+  freeze = int(sp.freeze_epoch * steps_per_epoch) + 1
+  if not switches_early(config):
+    return [freeze]
+  return [int(sp.switch_epoch * steps_per_epoch) + 1, freeze]
 
 
 @dataclasses.dataclass(frozen=True)
 class Switch:
   """The block-sparse model a run trains from checkpoint ``step`` on.
 
-  ``layers``: ``{layer path 'a/b': {'block_shape', 'kernel_size', 'rows', 'cols', 'nnz'}}``
-  (row-sorted block indices, as ``kernels.bsr``); ``scalars``: the block densities at the
-  switch, which the fixed mask keeps for the rest of the run.
+  ``layers``: ``{layer path 'a/b': {'block_shape', 'kernel_size', 'rows', 'cols', 'nnz',
+  'grid'}}`` (row-sorted block indices, as ``kernels.bsr``; ``grid`` ``(m1, n1)``, absent
+  from records written before it was); ``scalars``: the block densities at the switch,
+  which a fixed mask keeps for the rest of the run.
   """
   step: int
   layers: dict[str, dict[str, Any]]
@@ -80,12 +99,18 @@ class Switch:
       flat[(*name.split("/"), "nnz")] = jnp.asarray(v["nnz"], jnp.int32)
     return {INDEX_COLLECTION: tu.unflatten_dict(flat)}
 
+  def grids(self) -> dict[str, int]:
+    """``{layer: blocks in its grid}`` (``sparsity.block_sparsity``'s ``bsr_grids``)."""
+    return {k: int(np.prod(v["grid"])) for k, v in self.layers.items()}
+
 
 def switch_from_params(params, step: int) -> tuple[Switch, dict[str, Any]]:
   """The switch for a KPD params tree (host arrays) at ``step``, and the params of the
   block-sparse model (the KPD layers' nonzero blocks; other entries unchanged)."""
   converted = convert.kpd_to_bsr_params(params)
   index = tu.flatten_dict(converted[INDEX_COLLECTION])
+  grids = {"/".join(p[:-1]): tu.flatten_dict(params)[p + ("S",)].shape
+           for p in sparsity.term_paths(params)}
   layers = {}
   for name, spec in convert.bsr_layer_specs(params).items():
     path = tuple(name.split("/"))
@@ -93,37 +118,96 @@ def switch_from_params(params, step: int) -> tuple[Switch, dict[str, Any]]:
                     "kernel_size": list(spec.kernel_size) if spec.kernel_size else None,
                     "rows": np.asarray(index[path + ("rows",)]).tolist(),
                     "cols": np.asarray(index[path + ("cols",)]).tolist(),
-                    "nnz": int(index[path + ("nnz",)])}
+                    "nnz": int(index[path + ("nnz",)]),
+                    "grid": list(grids[name])}
   scalars = {k: float(v) for k, v in sparsity.density_scalars(params).items()}
   return Switch(step, layers, scalars), converted["params"]
 
 
+def repack(switch: Switch, params, opt_state, step: int) -> tuple[Switch, Any, Any]:
+  """After the pruning of an early switch: the switch to the model that stores only the
+  blocks the pruning kept (``sparsity.block_sparsity``'s ``'<layer>/blocks'`` masks), its
+  params, and ``opt_state`` with the same blocks kept in every per-block entry (the
+  optimizer's moments go on). Host arrays in, host arrays out."""
+  masks = sparsity.sparsity_state(opt_state).masks
+  keep, layers = {}, {}
+  for name, layer in switch.layers.items():
+    kept = np.flatnonzero(np.asarray(masks[f"{name}/blocks"])[:layer["nnz"]])
+    keep[name] = kept if kept.size else np.zeros(1, int)  # a budget of at least 1 block
+    layers[name] = {**layer, "nnz": int(kept.size),
+                    "rows": [layer["rows"][i] for i in keep[name]],
+                    "cols": [layer["cols"][i] for i in keep[name]]}
+  by_path = {(*name.split("/"), "blocks"): idx for name, idx in keep.items()}
+
+  def cut(path, leaf):
+    names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    for tail, idx in by_path.items():
+      if names[-len(tail):] == tail or (names and names[-1] == "/".join(tail)):
+        return np.asarray(leaf)[idx]
+    return leaf
+
+  new = Switch(step, layers, _scalars(switch.scalars, layers))
+  return new, jax.tree_util.tree_map_with_path(cut, params), \
+      jax.tree_util.tree_map_with_path(cut, opt_state)
+
+
+def _scalars(scalars: dict[str, float], layers: dict[str, dict]) -> dict[str, float]:
+  """``scalars`` (a switch's densities) for ``layers`` holding ``nnz`` of their ``grid``'s
+  blocks; ``density/weights`` is their share of the weight entries, as
+  ``sparsity.weight_density``."""
+  out = dict(scalars)
+  for name, layer in layers.items():
+    for key in out:
+      if key.startswith(f"density/{name}/"):
+        out[key] = layer["nnz"] / int(np.prod(layer["grid"]))
+  area = lambda v, n: n * int(np.prod(v["block_shape"]))
+  out["density/weights"] = (sum(area(v, v["nnz"]) for v in layers.values())
+                            / sum(area(v, np.prod(v["grid"])) for v in layers.values()))
+  return out
+
+
+def live_scalars(switch: Switch, opt_state) -> dict[str, float]:
+  """The block densities of a block-sparse model: those of ``switch``, or while its
+  blocks are being pruned (an early switch), those its masks in ``opt_state`` keep."""
+  masks = sparsity.sparsity_state(opt_state)
+  masks = masks.masks if masks is not None else {}
+  if not all(f"{name}/blocks" in masks for name in switch.layers):
+    return dict(switch.scalars)
+  layers = {name: {**v, "nnz": int(np.sum(np.asarray(masks[f"{name}/blocks"])[:v["nnz"]]))}
+            for name, v in switch.layers.items()}
+  return _scalars(switch.scalars, layers)
+
+
 def continue_schedules(opt_state, step: int):
-  """``opt_state`` (fresh, from ``tx.init``) with every schedule's count set to ``step``:
-  the learning rate goes on from the switch while the moments start over."""
-  is_schedule = lambda s: isinstance(s, optax.ScaleByScheduleState)
+  """``opt_state`` (fresh, from ``tx.init``) with every schedule's count, and the block
+  sparsity transform's, set to ``step``: the learning rate and the pruning schedule go on
+  from the switch while the moments start over."""
+  counted = (optax.ScaleByScheduleState, sparsity.BlockSparsityState)
+  is_counted = lambda s: isinstance(s, counted)
 
   def visit(s):
-    if is_schedule(s):
+    if is_counted(s):
       return s._replace(count=jnp.full_like(s.count, step))
     return s
 
-  return jax.tree.map(visit, opt_state, is_leaf=is_schedule)
+  return jax.tree.map(visit, opt_state, is_leaf=is_counted)
 
 
-def save_switch(workdir: str, switch: Switch) -> None:
+def save_switches(workdir: str, switches: list[Switch]) -> None:
   checkpoints.write_text_atomic(os.path.join(workdir, RECORD_FILE), json.dumps(
-      dataclasses.asdict(switch)))
+      {"switches": [dataclasses.asdict(s) for s in switches]}))
 
 
-def load_switch(workdir: str) -> Switch | None:
+def load_switches(workdir: str) -> list[Switch]:
+  """The recorded switches of ``workdir``, oldest first (empty when none)."""
   path = os.path.join(workdir, RECORD_FILE)
   if not os.path.exists(path):
-    return None
+    return []
   try:
     with open(path, encoding="utf-8") as f:
       raw = json.load(f)
-    return Switch(int(raw["step"]), dict(raw["layers"]), dict(raw["scalars"]))
+    raws = raw["switches"] if "switches" in raw else [raw]  # one switch, as first written
+    return [Switch(int(r["step"]), dict(r["layers"]), dict(r["scalars"])) for r in raws]
   except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
     raise checkpoints.CheckpointError(
         f"{path} is unreadable ({e}); it records the block-sparse model the later "

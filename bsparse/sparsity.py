@@ -97,7 +97,8 @@ def weight_density(params) -> jax.Array:
 
 class BlockSparsityState(NamedTuple):
   count: jax.Array
-  masks: dict[str, jax.Array]  # 'layer/term' -> bool (m1, n1); True = block kept
+  masks: dict[str, jax.Array]  # 'layer/term' -> bool (m1, n1); 'layer/blocks' -> bool
+  # (nnz_max,) of a block-sparse layer's stored blocks. True = block kept
   alive: dict[str, jax.Array]  # 'layer/term' -> bool (); False once a candidate is dropped
 
 
@@ -149,7 +150,8 @@ def block_sparsity(lam: Schedule, lr: Schedule, lr_peak: float, freeze_step: int
                    anneal: Schedule | None = None, anneal_strength: float = 0.0,
                    select_step: int = -1, prune_start: int = -1,
                    prune_every: int = 100,
-                   trim_density: float | None = None) -> optax.GradientTransformation:
+                   trim_density: float | None = None,
+                   bsr_grids: dict[str, int] | None = None) -> optax.GradientTransformation:
   """Proximal L1 on selectors, block-size annealing and the mask freeze.
 
   Args:
@@ -170,6 +172,9 @@ def block_sparsity(lam: Schedule, lr: Schedule, lr_peak: float, freeze_step: int
     prune_every: steps between gradual pruning steps.
     trim_density: trimmed L1: each term's ``floor(trim_density * blocks)`` largest blocks
       are spared the (un-annealed) threshold ``tau``. None: plain L1 on every block.
+    bsr_grids: ``{'layer': blocks in its grid}`` of the block-sparse layers of a model
+      switched before ``freeze_step``: their stored blocks are pruned on the same cubic
+      schedule (``kept_at`` counts blocks of the whole grid) until ``freeze_step``.
   """
   gradual = None
   if prune_start >= 0 and target_density is not None and freeze_step > prune_start:
@@ -179,6 +184,8 @@ def block_sparsity(lam: Schedule, lr: Schedule, lr_peak: float, freeze_step: int
     flat = tu.flatten_dict(params)
     keys = ["/".join(p) for p in term_paths(params)]
     masks = {k: jnp.ones(flat[tuple(k.split("/")) + ("S",)].shape, bool) for k in keys}
+    masks.update({f"{name}/blocks": _block_norms(flat[_blocks_path(name)]) > 0
+                  for name in bsr_grids or {}})
     return BlockSparsityState(jnp.zeros((), jnp.int32), masks,
                               {k: jnp.ones((), bool) for k in keys})
 
@@ -221,9 +228,36 @@ def block_sparsity(lam: Schedule, lr: Schedule, lr_peak: float, freeze_step: int
         s_new = jnp.where(alive[key], flat_new[path + ("S",)], 0.0)
         flat_u[path + ("S",)] = s_new - flat_p[path + ("S",)]
         masks[key] = s_new != 0
+    for name, num_blocks in (bsr_grids or {}).items():
+      path, key = _blocks_path(name), f"{name}/blocks"
+      new = flat_p[path] + flat_u[path]
+      masks[key] = _gradual_mask(gradual, count, _block_norms(new), state.masks[key],
+                                 num_blocks)
+      keep = masks[key].reshape((-1,) + (1,) * (new.ndim - 1))
+      flat_u[path] = jnp.where(keep, new, 0.0) - flat_p[path]
     return tu.unflatten_dict(flat_u), BlockSparsityState(count + 1, masks, alive)
 
   return optax.GradientTransformation(init, update)
+
+
+def _blocks_path(layer: str) -> tuple[str, ...]:
+  return (*layer.split("/"), "blocks")
+
+
+def _block_norms(blocks: jax.Array) -> jax.Array:
+  """Frobenius norm of each stored block: ``(nnz_max, ...)`` -> ``(nnz_max,)``."""
+  return jnp.sqrt(jnp.sum(jnp.square(blocks), axis=tuple(range(1, blocks.ndim))))
+
+
+def _gradual_mask(gradual, count, norms, mask, num_blocks: int) -> jax.Array:
+  """The stored blocks kept after a step of ``gradual`` pruning of a block-sparse layer
+  with ``num_blocks`` blocks in its grid; without a schedule, ``mask`` stays."""
+  if gradual is None:
+    return mask
+  due = (count <= gradual.end_step) & (
+      ((count - gradual.start_step) % gradual.every == 0) | (count == gradual.end_step))
+  keep = baselines.top_k_mask(norms, gradual.kept_at(count, num_blocks), mask)
+  return jnp.where(due & (count >= gradual.start_step), keep, mask)
 
 
 def _prune_gradually(gradual, count, s, mask, a, b) -> jax.Array:
@@ -285,7 +319,8 @@ def base_optimizer(name: str, lr: Schedule, weight_decay: float, momentum: float
   raise ValueError(f"unknown optimizer '{name}'; valid: {list(OPTIMIZERS)}.")
 
 
-def make_optimizer(config, steps_per_epoch: int, total_steps: int
+def make_optimizer(config, steps_per_epoch: int, total_steps: int,
+                   bsr_grids: dict[str, int] | None = None
                    ) -> tuple[optax.GradientTransformation, Schedule, Schedule]:
   """The training chain from ``config.optimizer`` and ``config.method``: ``kpd`` (the
   block-sparsity transform of ``config.sparsity``) or a baseline of ``bsparse.baselines``
@@ -297,6 +332,8 @@ def make_optimizer(config, steps_per_epoch: int, total_steps: int
   about the learning rate, and a factor entry (std ``(2 / fan_in / rank) ** 0.25``) is
   several times larger than a dense weight (``(2 / fan_in) ** 0.5``), so at one learning
   rate a factored weight changes by a smaller fraction per step than a dense one.
+  ``bsr_grids`` (``{'layer': blocks in its grid}``): the block-sparse layers of a model
+  switched to that form before the freeze, pruned on to the target (``block_sparsity``).
   Returns ``(tx, lr_schedule, lam_schedule)``.
   """
   method = config.get("method", "kpd")  # configs saved before methods existed are KPD
@@ -329,7 +366,8 @@ def make_optimizer(config, steps_per_epoch: int, total_steps: int
   trim = target if sp.get("penalty", "l1") == "trimmed" else None
   tx = optax.chain(base, block_sparsity(lam, lr, opt.learning_rate, freeze, target,
                                         sp.penalty_after_freeze, anneal, sel.strength, select,
-                                        prune_start, sp.get("prune_every_steps", 100), trim))
+                                        prune_start, sp.get("prune_every_steps", 100), trim,
+                                        bsr_grids))
   return tx, lr, lam
 
 

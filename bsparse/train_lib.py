@@ -210,16 +210,18 @@ class Program:
     return out
 
   def sparsity_scalars(self, state: TrainState) -> dict[str, float]:
-    """``sparsity_scalars`` of the state; after the switch, the densities it fixed."""
+    """``sparsity_scalars`` of the state; after the switch, the densities of the blocks
+    it keeps."""
     if self.switch is not None:
-      return dict(self.switch.scalars)
+      return finetune.live_scalars(self.switch, state.opt_state)
     return sparsity_scalars(state.params, state.opt_state)
 
 
 def build_program(config, num_classes: int, steps_per_epoch: int, total: int,
                   mesh, switch: finetune.Switch | None = None) -> Program:
   model = build_model(config, num_classes, switch)
-  tx, lr_fn, lam_fn = sparsity.make_optimizer(config, steps_per_epoch, total)
+  grids = switch.grids() if switch is not None and finetune.switches_early(config) else None
+  tx, lr_fn, lam_fn = sparsity.make_optimizer(config, steps_per_epoch, total, grids)
   consts = switch.index() if switch is not None else {}
   steps = Steps(model, tx, num_classes, mesh, config.label_smoothing, config.nan_policy,
                 consts)
@@ -385,8 +387,9 @@ def _log_scalars(config, state: TrainState, window: list[dict], seconds: float, 
   return scalars
 
 
-# A change of the model at a step boundary: (state) -> (converted state, its program).
-Transition = Callable[[TrainState], tuple[TrainState, Program]]
+# A change of the model at a step boundary: (state, its program) -> (converted state, its
+# program).
+Transition = Callable[[TrainState, Program], tuple[TrainState, Program]]
 
 
 def _warn_empty_layers(scalars: dict[str, float], warned: set[str]) -> None:
@@ -412,7 +415,7 @@ def _train(config, program: Program, state: TrainState, datasets: data_lib.Datas
   program that runs it.
 
   After a step ``t`` in ``transitions`` it calls ``transitions[t]`` (drop the losing
-  block-size candidates, or switch to block-sparse form; one re-jit) and saves a
+  block-size candidates, switch to block-sparse form, or repack it; one re-jit) and saves a
   checkpoint of the new model.
   Raises NonFiniteError (``nan_policy='stop'``) before logging, evaluating, selecting or
   saving past a step with a NaN/Inf, and Interrupted after saving on SIGTERM/SIGINT.
@@ -441,7 +444,7 @@ def _train(config, program: Program, state: TrainState, datasets: data_lib.Datas
       if config.nan_policy == "stop" and (log or validate_now or save):
         _check_finite(window, done, manager)
       if changing:
-        state, program = transitions[done](state)
+        state, program = transitions[done](state, program)
         steps = program.steps
       if log:
         scalars = _log_scalars(config, state, window, time.perf_counter() - t0, done,
@@ -472,7 +475,7 @@ def _selector(config, workdir: str, build: Callable[..., Program]) -> Transition
   """Drops the losing candidates after the selection step and records the choice in
   ``workdir`` (before the checkpoint without them is saved)."""
 
-  def select(state: TrainState) -> tuple[TrainState, Program]:
+  def select(state: TrainState, _: Program) -> tuple[TrainState, Program]:
     state = without_terms(state, selection.dead_terms(state.opt_state))
     choice = selection.choice_from_params(config, state.params, int(state.step))
     program = build(selection.with_choice(config, choice))
@@ -494,17 +497,18 @@ def _selector(config, workdir: str, build: Callable[..., Program]) -> Transition
 
 
 def _switcher(config, workdir: str, build: Callable[..., Program]) -> Transition:
-  """Converts the model to block-sparse form after the freeze step (``bsparse.finetune``)
-  and records the switch in ``workdir`` (before the checkpoint of the new model is saved)."""
+  """Converts the model to block-sparse form after the freeze step, or the early switch
+  (``bsparse.finetune``), and records the switch in ``workdir`` (before the checkpoint of
+  the new model is saved)."""
 
-  def switch(state: TrainState) -> tuple[TrainState, Program]:
+  def switch(state: TrainState, _: Program) -> tuple[TrainState, Program]:
     params = jax.device_get(state.params)
     record, new_params = finetune.switch_from_params(params, int(state.step))
     program = build(config, record)
     opt_state = finetune.continue_schedules(program.tx.init(new_params), record.step)
     state = program.steps.put_state(state.replace(params=new_params, opt_state=opt_state))
     if jax.process_index() == 0:
-      finetune.save_switch(workdir, record)
+      finetune.save_switches(workdir, [record])
       if config.plots:
         plots.plot_masks(params, os.path.join(workdir, "masks.png"))
       tqdm.write(f"step {record.step}: fine-tuning the kept blocks in block-sparse form ("
@@ -516,11 +520,31 @@ def _switcher(config, workdir: str, build: Callable[..., Program]) -> Transition
   return switch
 
 
+def _repacker(config, workdir: str, build: Callable[..., Program]) -> Transition:
+  """After the freeze step of a run that switched early, keeps only the blocks its
+  pruning left (``finetune.repack``) and records the second switch in ``workdir``."""
+
+  def repack(state: TrainState, program: Program) -> tuple[TrainState, Program]:
+    record, params, opt_state = finetune.repack(
+        program.switch, jax.device_get(state.params), jax.device_get(state.opt_state),
+        int(state.step))
+    repacked = build(config, record)
+    state = repacked.steps.put_state(state.replace(params=params, opt_state=opt_state))
+    if jax.process_index() == 0:
+      finetune.save_switches(workdir, [program.switch, record])
+      tqdm.write(f"step {record.step}: the pruning is done; the model keeps "
+                 f"{sum(v['nnz'] for v in record.layers.values())} blocks")
+    checkpoints.sync("bsparse_repack")
+    return state, repacked
+
+  return repack
+
+
 def _required_record(record, boundary: int | None, manager, path: str, holds: str):
-  """``record`` (a file of ``workdir`` read by the caller, or None); raises CheckpointError
-  when it is None but checkpoints from step ``boundary`` on, which ``holds`` a model only
-  the record describes, exist."""
-  if record is None and boundary is not None and any(
+  """``record`` (a file of ``workdir`` read by the caller, or None / empty); raises
+  CheckpointError when it is missing but checkpoints from step ``boundary`` on, which
+  ``holds`` a model only the record describes, exist."""
+  if not record and boundary is not None and any(
       s >= boundary for s in manager.all_steps()):
     raise checkpoints.CheckpointError(
         f"The checkpoints in {manager.directory} from step {boundary} on hold {holds}, but "
@@ -529,11 +553,14 @@ def _required_record(record, boundary: int | None, manager, path: str, holds: st
   return record
 
 
-def _checked_switch(config, workdir: str, manager, spe: int) -> finetune.Switch | None:
-  """The recorded switch to block-sparse form of ``workdir``, or None."""
-  return _required_record(finetune.load_switch(workdir), finetune.boundary_step(config, spe),
-                          manager, os.path.join(workdir, finetune.RECORD_FILE),
-                          "the block-sparse model")
+def _checked_switches(config, workdir: str, manager, spe: int) -> list[finetune.Switch]:
+  """The recorded switches to (and within) block-sparse form of ``workdir``, oldest
+  first."""
+  switches = finetune.load_switches(workdir)
+  path = os.path.join(workdir, finetune.RECORD_FILE)
+  for i, boundary in enumerate(finetune.boundary_steps(config, spe)):
+    _required_record(switches[i:i + 1], boundary, manager, path, "the block-sparse model")
+  return switches
 
 
 def _checked_choice(config, workdir: str, manager, spe: int) -> selection.Choice | None:
@@ -550,25 +577,27 @@ def restore_program(config, workdir: str, manager, num_classes: int, image_shape
   """The newest intact checkpoint of ``workdir`` (or the initial state) and the program
   of the model it holds: the model with every block-size candidate; after the selection,
   with the winners recorded in ``selection.json``; after a switch to block-sparse form,
-  the block-sparse model recorded in ``bsr_finetune.json``. Also returns the builder of
-  programs (``(config, switch=None) -> Program``)."""
+  the block-sparse model recorded in ``bsr_finetune.json`` (the latest switch before the
+  checkpoint). Also returns the builder of programs (``(config, switch=None) ->
+  Program``)."""
   mesh = make_mesh()
   build = lambda c, switch=None: build_program(c, num_classes, spe, total, mesh, switch)
   program = build(config)
   init = program.steps.put_state(
       create_state(init_variables(program.model, image_shape, config.seed), program.tx))
   choice = _checked_choice(config, workdir, manager, spe)
-  switch = _checked_switch(config, workdir, manager, spe)
-  sparse = []  # the block-sparse program, built when a checkpoint needs it
+  switches = _checked_switches(config, workdir, manager, spe)
+  sparse = {}  # the block-sparse programs by switch step, built when a checkpoint needs one
 
-  def sparse_program() -> Program:
-    if not sparse:
-      sparse.append(build(config, switch))
-    return sparse[0]
+  def sparse_program(step: int) -> Program | None:
+    """The program of the latest switch at or before ``step``; None before the first."""
+    switch = next((s for s in reversed(switches) if step >= s.step), None)
+    if switch is not None and switch.step not in sparse:
+      sparse[switch.step] = build(config, switch)
+    return sparse.get(switch.step) if switch is not None else None
 
   def state_at(step: int) -> TrainState:
-    if switch is not None and step >= switch.step:
-      p = sparse_program()
+    if (p := sparse_program(step)) is not None:
       return p.steps.put_state(
           create_state(init_variables(p.model, image_shape, config.seed), p.tx))
     if choice is None or step < choice.step:
@@ -576,8 +605,8 @@ def restore_program(config, workdir: str, manager, num_classes: int, image_shape
     return without_terms(init, selection.losers(config, choice, init.params))
 
   state = checkpoints.restore_latest(manager, init, set_aside, state_at)
-  if switch is not None and int(state.step) >= switch.step:
-    program = sparse_program()
+  if sparse_program(int(state.step)) is not None:
+    program = sparse_program(int(state.step))
   elif choice is not None and int(state.step) >= choice.step:
     program = build(selection.with_choice(config, choice))
   return state, program, build
@@ -598,15 +627,19 @@ def read_program(config, workdir: str, datasets: data_lib.Datasets
 
 def _transitions(config, workdir: str, spe: int, build) -> dict[int, Transition]:
   """The model changes of the run by step: the block-size selection, then the switch to
-  block-sparse form (both after one step when they coincide)."""
+  block-sparse form (both after one step when they coincide), and after an early switch
+  the repack at the freeze."""
   out: dict[int, Transition] = {}
   select_at = selection.boundary_step(config, spe)
   if select_at is not None:
     out[select_at] = _selector(config, workdir, build)
-  switch_at = finetune.boundary_step(config, spe)
-  if switch_at is not None:
+  boundaries = finetune.boundary_steps(config, spe)
+  if boundaries:
+    switch_at = boundaries[0]
     switch, before = _switcher(config, workdir, build), out.get(switch_at)
-    out[switch_at] = switch if before is None else (lambda s: switch(before(s)[0]))
+    out[switch_at] = switch if before is None else (lambda s, p: switch(*before(s, p)))
+  if len(boundaries) > 1:
+    out[boundaries[1]] = _repacker(config, workdir, build)
   return out
 
 

@@ -62,6 +62,10 @@ def get_config() -> config_dict.ConfigDict:
   # rank-r basis B_k) or the kept blocks themselves in block-sparse form (bsr: free blocks,
   # nnz*bm*bn MACs per position; see bsparse/finetune.py).
   c.sparsity.finetune = "kpd"
+  # bsr with cubic pruning only: switch to block-sparse form at this epoch, before the
+  # freeze, and prune the free blocks on to the target (bsparse/finetune.py). < 0: switch
+  # at the freeze.
+  c.sparsity.switch_epoch = -1.0
 
   # Block-size selection in one run: a layer given several candidate block shapes
   # (layers.block_shapes.<layer> = ((28, 10), (14, 10))) sums one KPD term per candidate.

@@ -1,6 +1,7 @@
 """Fine-tuning in block-sparse form after the mask freeze (``sparsity.finetune='bsr'``):
 the switch keeps the function, the loop trains free blocks on, resumes on either side of
-the switch, and eval / export / the report read the block-sparse model."""
+the switch, and eval / export / the report read the block-sparse model; an early switch
+prunes the free blocks on to the target and repacks them."""
 import os
 
 import chex
@@ -127,8 +128,8 @@ def _stored_blocks(state, program, layer):
 
 def test_the_loop_switches_and_trains_the_free_blocks(reference, tmp_path):
   c, workdir, summary, _ = reference
-  record = finetune.load_switch(str(workdir))
-  assert record is not None and record.step == 5 and set(record.layers) == {"fc1", "fc2"}
+  [record] = finetune.load_switches(str(workdir))
+  assert record.step == 5 and set(record.layers) == {"fc1", "fc2"}
   # fc1: 784x40 with 28x10 blocks is a 28x4 grid; 30% of it is 33 blocks.
   assert record.layers["fc1"]["nnz"] == 33 and record.layers["fc1"]["block_shape"] == [28, 10]
   state, program = helpers.restored(c, workdir)
@@ -201,7 +202,7 @@ def test_resuming_around_the_switch_equals_one_run(reference, tmp_path, resume_a
     os.remove(b / finetune.RECORD_FILE)
   helpers.train(c, b)
   chex.assert_trees_all_close(final.params, helpers.restored(c, b)[0].params, atol=1e-6)
-  assert finetune.load_switch(str(b)) == finetune.load_switch(str(workdir))
+  assert finetune.load_switches(str(b)) == finetune.load_switches(str(workdir))
 
 
 def test_checkpoints_after_the_switch_need_their_record(reference, tmp_path):
@@ -225,9 +226,117 @@ def test_checkpoints_after_the_switch_need_their_record(reference, tmp_path):
     ({"sparsity.finetune": "csr"}, "valid: kpd, bsr"),
     ({"sparsity.prune_schedule": "cubic", "sparsity.start_epoch": 1.0},
      "set freeze_epoch > start_epoch"),
+    ({"sparsity.switch_epoch": 0.5}, "needs prune_schedule='cubic'"),
+    ({"sparsity.finetune": "kpd", "sparsity.switch_epoch": 0.5}, "needs sparsity.finetune"),
+    ({"sparsity.prune_schedule": "cubic", "sparsity.switch_epoch": 1.0},
+     "switch_epoch < freeze_epoch"),
+    ({"layers.block_shapes.fc1": ((28, 10), (14, 10)), "selection.select_epoch": 0.75,
+      "sparsity.prune_schedule": "cubic", "sparsity.switch_epoch": 0.5},
+     "valid: 0 <= select_epoch <= 0.5"),
 ])
 def test_bad_finetune_and_pruning_settings_are_named(changes, match):
   c = switching()
   c.update_from_flattened_dict(changes)
   with pytest.raises(validate.ConfigError, match=match):
     validate.validate_config(c, train_lib.build_model)
+
+
+# --------------------------------------------------------------------------- early switch
+
+
+def early(steps: int = 12):
+  """``switching()`` with cubic pruning from step 0 to the freeze at step 8 (to density
+  0.2, every step) and the switch after step 2: the free blocks are pruned in steps 3-8,
+  checkpoint 9 holds the repacked model."""
+  return helpers.tiny("mlp_fmnist", steps, **{
+      "layers.rank": 2, "sparsity.freeze_epoch": 2.0, "sparsity.target_density": 0.2,
+      "sparsity.finetune": "bsr", "sparsity.prune_schedule": "cubic",
+      "sparsity.prune_every_steps": 1, "sparsity.switch_epoch": 0.5,
+      "checkpoint_every_steps": 3, "keep_checkpoints": 20})
+
+
+@pytest.fixture(scope="module")
+def early_run(tmp_path_factory):
+  c, workdir = early(), tmp_path_factory.mktemp("early")
+  summary = helpers.train(c, workdir)
+  return c, workdir, summary, helpers.restored(c, workdir)[0]
+
+
+def test_an_early_switch_prunes_the_free_blocks_then_keeps_only_the_survivors(early_run,
+                                                                               tmp_path):
+  c, workdir, summary, final = early_run
+  first, second = finetune.load_switches(str(workdir))
+  assert (first.step, second.step) == (3, 9)
+  # fc1: a 28x4 grid; fc2: 4x2. The cubic schedule reaches floor(0.2 * blocks) exactly.
+  assert {k: v["nnz"] for k, v in second.layers.items()} == {"fc1": 22, "fc2": 1}
+  assert all(first.layers[k]["nnz"] > second.layers[k]["nnz"] for k in first.layers)
+  assert final.params["fc1"]["blocks"].shape == (22, 28, 10)
+  assert summary["density/fc1/kron_28x10"] == pytest.approx(22 / 112)
+  # The blocks the repack kept sit where they were: a subset of the first switch's.
+  pairs = lambda layer: list(zip(layer["rows"], layer["cols"]))
+  assert set(pairs(second.layers["fc1"])) < set(pairs(first.layers["fc1"]))
+  # Between the switches the stored blocks are pruned: blocks out of the logged density
+  # are exactly zero in checkpoint 6, the model still stores all of the first switch's.
+  mid, program = helpers.restored(c, helpers.copy_up_to(workdir, tmp_path / "at6", 6))
+  assert program.switch == first
+  blocks = np.asarray(mid.params["fc1"]["blocks"])
+  live = int((np.abs(blocks).sum(axis=(1, 2)) > 0).sum())
+  rows = {r["step"]: r for r in metric_writers.read_metrics(str(workdir)) if "train/loss" in r}
+  assert blocks.shape[0] == first.layers["fc1"]["nnz"] > live
+  assert live == round(rows[6]["density/fc1/kron_28x10"] * 112)
+  logged = [rows[t]["density/weights"] for t in range(3, 13)]
+  assert logged == sorted(logged, reverse=True) and logged[-1] == second.scalars[
+      "density/weights"]
+  # The optimizer's moments of the kept blocks went on through the repack.
+  adam = [s for s in jax.tree.leaves(final.opt_state, is_leaf=lambda s: isinstance(
+      s, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)]
+  assert int(adam[0].count) == 12 - 3
+
+
+def test_the_repack_keeps_the_function_and_the_moments(early_run, tmp_path):
+  c, workdir, _, _ = early_run
+  first, _ = finetune.load_switches(str(workdir))
+  state, program = helpers.restored(c, helpers.copy_up_to(workdir, tmp_path / "at6", 6))
+  state = jax.device_get(state)
+  second, params, opt_state = finetune.repack(first, state.params, state.opt_state, 6)
+  x = jax.random.normal(jax.random.key(0), (3, 28, 28, 1))
+  repacked = train_lib.build_model(c, 10, second)
+  np.testing.assert_allclose(
+      repacked.apply({"params": params, **second.index()}, x),
+      program.model.apply(program.variables(state), x), rtol=1e-5, atol=1e-5)
+  pairs = lambda layer: list(zip(layer["rows"], layer["cols"]))
+  kept = pairs(first.layers["fc1"]).index(pairs(second.layers["fc1"])[-1])
+  mu = lambda s: next(l for l in jax.tree.leaves(s, is_leaf=lambda l: isinstance(
+      l, optax.ScaleByAdamState)) if isinstance(l, optax.ScaleByAdamState)).mu
+  old, new = mu(state.opt_state)["fc1"]["blocks"], mu(opt_state)["fc1"]["blocks"]
+  assert new.shape[0] == second.layers["fc1"]["nnz"]
+  np.testing.assert_array_equal(new[-1], old[kept])
+
+
+@pytest.mark.parametrize("resume_at", [6, 9])  # between the switches, after the repack
+def test_resuming_an_early_switch_equals_one_run(early_run, tmp_path, resume_at):
+  c, workdir, _, final = early_run
+  b = helpers.copy_up_to(workdir, tmp_path / "b", resume_at)
+  if resume_at < 9:  # killed before the repack was recorded
+    finetune.save_switches(str(b), finetune.load_switches(str(b))[:1])
+  helpers.train(c, b)
+  chex.assert_trees_all_close(final.params, helpers.restored(c, b)[0].params, atol=1e-6)
+  assert finetune.load_switches(str(b)) == finetune.load_switches(str(workdir))
+
+
+def test_checkpoints_after_the_repack_need_it_recorded(early_run, tmp_path):
+  c, workdir, _, _ = early_run
+  b = helpers.copy_up_to(workdir, tmp_path / "b", 9)
+  finetune.save_switches(str(b), finetune.load_switches(str(b))[:1])
+  with pytest.raises(checkpoints.CheckpointError, match="from step 9 on"):
+    helpers.train(c, b)
+
+
+def test_a_record_of_one_switch_as_first_written_still_loads(reference, tmp_path):
+  _, workdir, _, _ = reference
+  [record] = finetune.load_switches(str(workdir))
+  legacy = {"step": record.step, "scalars": record.scalars,
+            "layers": {k: {f: v[f] for f in v if f != "grid"} for k, v in record.layers.items()}}
+  (tmp_path / finetune.RECORD_FILE).write_text(__import__("json").dumps(legacy))
+  [loaded] = finetune.load_switches(str(tmp_path))
+  assert loaded.step == record.step and loaded.index().keys() == record.index().keys()
