@@ -357,13 +357,12 @@ def training_flops(run: Run, config, program, variables, image_shape, rows,
   return 6.0 * total * config.batch_size
 
 
-def bsr_macs(program, switch, image_shape) -> float:
-  """Forward MACs per example of the block-sparse model of ``switch``: every stored
-  block counts, pruned or not (``report.layer_table``)."""
+def bsr_macs(model, switch, image_shape) -> float:
+  """Forward MACs per example of ``model``, the block-sparse model of ``switch``: every
+  stored block counts, pruned or not (``report.layer_table``)."""
   x = np.zeros((1, *image_shape), np.float32)
-  variables = program.model.init(jax.random.key(0), x, train=False)
-  table = report.layer_table(program.model, {**variables, **switch.index()},
-                             (1, *image_shape))
+  variables = model.init(jax.random.key(0), x, train=False)
+  table = report.layer_table(model, {**variables, **switch.index()}, (1, *image_shape))
   return report.totals(table)["bsr_macs"]
 
 
@@ -405,7 +404,8 @@ def measure(run: Run, out: str, datasets, latency: bool) -> dict[str, Any]:
   # to block-sparse form; costs need shapes only, so its variables stay abstract.
   choice = selection.load_choice(workdir)
   initial = build(config) if choice or program.switch else program
-  switches = [(s.step, bsr_macs(build(config, s), s, datasets.image_shape))
+  switches = [(s.step, bsr_macs(train_lib.build_model(config, datasets.num_classes, s), s,
+                                datasets.image_shape))
               for s in finetune.load_switches(workdir)]
   x = jax.ShapeDtypeStruct((1, *datasets.image_shape), np.float32)
   init_vars = jax.eval_shape(lambda x: initial.model.init(jax.random.key(0), x, train=False), x)

@@ -191,9 +191,13 @@ class Gradual:
     k = jnp.maximum(jnp.floor(d * num_blocks + 1e-6).astype(jnp.int32), final)
     return jnp.where(t >= self.end_step, final, k)
 
+  def due(self, t: jax.Array) -> jax.Array:
+    """Whether ``t`` is a pruning step."""
+    return ((t >= self.start_step) & (t <= self.end_step)
+            & (((t - self.start_step) % self.every == 0) | (t == self.end_step)))
+
   def step(self, t, w, g, mask, block_shape, key):
-    due = ((t >= self.start_step) & (t <= self.end_step)
-           & (((t - self.start_step) % self.every == 0) | (t == self.end_step)))
+    due = self.due(t)
     keep = top_k_mask(block_norms(w, block_shape), self.kept_at(t, mask.size), mask)
     return w, jnp.where(due, keep, mask), _no_growth(mask)
 

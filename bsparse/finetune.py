@@ -109,8 +109,8 @@ def switch_from_params(params, step: int) -> tuple[Switch, dict[str, Any]]:
   block-sparse model (the KPD layers' nonzero blocks; other entries unchanged)."""
   converted = convert.kpd_to_bsr_params(params)
   index = tu.flatten_dict(converted[INDEX_COLLECTION])
-  grids = {"/".join(p[:-1]): tu.flatten_dict(params)[p + ("S",)].shape
-           for p in sparsity.term_paths(params)}
+  flat = tu.flatten_dict(params)
+  grids = {"/".join(p[:-1]): flat[p + ("S",)].shape for p in sparsity.term_paths(params)}
   layers = {}
   for name, spec in convert.bsr_layer_specs(params).items():
     path = tuple(name.split("/"))

@@ -254,23 +254,18 @@ def _gradual_mask(gradual, count, norms, mask, num_blocks: int) -> jax.Array:
   with ``num_blocks`` blocks in its grid; without a schedule, ``mask`` stays."""
   if gradual is None:
     return mask
-  due = (count <= gradual.end_step) & (
-      ((count - gradual.start_step) % gradual.every == 0) | (count == gradual.end_step))
   keep = baselines.top_k_mask(norms, gradual.kept_at(count, num_blocks), mask)
-  return jnp.where(due & (count >= gradual.start_step), keep, mask)
+  return jnp.where(gradual.due(count), keep, mask)
 
 
 def _prune_gradually(gradual, count, s, mask, a, b) -> jax.Array:
   """The selector ``s`` after a step of ``gradual`` (``baselines.Gradual``) pruning: from
   its start, blocks outside ``mask`` stay zero; on its pruning steps only the
   ``kept_at(count)`` largest blocks are kept."""
-  pruning = count >= gradual.start_step
-  s = jnp.where(pruning, s * mask, s)
-  due = pruning & (count <= gradual.end_step) & (
-      ((count - gradual.start_step) % gradual.every == 0) | (count == gradual.end_step))
+  s = jnp.where(count >= gradual.start_step, s * mask, s)
   keep = baselines.top_k_mask(kron.block_norms(s, a, b), gradual.kept_at(count, s.size),
                               s != 0)
-  return jnp.where(due, s * keep, s)
+  return jnp.where(gradual.due(count), s * keep, s)
 
 
 def _select(flat, terms, alive, at_select) -> dict[str, jax.Array]:

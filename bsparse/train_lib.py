@@ -605,8 +605,8 @@ def restore_program(config, workdir: str, manager, num_classes: int, image_shape
     return without_terms(init, selection.losers(config, choice, init.params))
 
   state = checkpoints.restore_latest(manager, init, set_aside, state_at)
-  if sparse_program(int(state.step)) is not None:
-    program = sparse_program(int(state.step))
+  if (sparse := sparse_program(int(state.step))) is not None:
+    program = sparse
   elif choice is not None and int(state.step) >= choice.step:
     program = build(selection.with_choice(config, choice))
   return state, program, build

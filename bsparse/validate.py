@@ -168,8 +168,9 @@ def _finetune_problems(config) -> list[str]:
   the mask freeze, or at ``sparsity.switch_epoch`` while cubic pruning goes on."""
   sp = config.sparsity
   early = sp.get("switch_epoch", -1.0)
+  switches_early = _is_number(early, False) and early >= 0
   if sp.get("finetune", "kpd") != "bsr":
-    if _is_number(early, False) and early >= 0:
+    if switches_early:
       return [_problem("sparsity.switch_epoch", early, "is the epoch of the switch to "
                        "block-sparse form: it needs sparsity.finetune='bsr' (or set it to -1).")]
     return []
@@ -180,13 +181,13 @@ def _finetune_problems(config) -> list[str]:
   if not _is_number(sp.freeze_epoch, False) or sp.freeze_epoch < 0:
     return [_problem(field, value, "switches at the mask freeze: set "
                      "sparsity.freeze_epoch >= 0.")]
-  if _is_number(early, False) and early >= 0 and not (
+  if switches_early and not (
       sp.get("prune_schedule", "once") == "cubic" and sp.start_epoch <= early < sp.freeze_epoch):
     return [_problem("sparsity.switch_epoch", early, "switches before the freeze and prunes "
                      "the free blocks on the cubic schedule: it needs prune_schedule='cubic' "
                      f"and start_epoch ({sp.start_epoch}) <= switch_epoch < freeze_epoch "
                      f"({sp.freeze_epoch}); or set it to -1 to switch at the freeze.")]
-  switch_at = early if _is_number(early, False) and early >= 0 else sp.freeze_epoch
+  switch_at = early if switches_early else sp.freeze_epoch
   several = any(v and not _is_number(v[0], True) and len(v) > 1
                 for v in config.layers.block_shapes.values())
   select = config.selection.select_epoch
