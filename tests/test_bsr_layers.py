@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from bsparse.kernels import bsr, convert
+from bsparse.kernels import layers as bsr_layers
 from bsparse.kernels.layers import INDEX_COLLECTION, BlockSparseConv, BlockSparseDense, patches
 from bsparse.layers import KronConv, KronDense
 
@@ -71,6 +72,85 @@ def test_conv_layer_matches_lax_conv_with_its_kernel():
   ref = jax.lax.conv_general_dilated(x, kernel, (2, 1), "VALID",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
   chex.assert_trees_all_close(jax.jit(layer.apply)(v, x), ref + v["params"]["bias"], atol=1e-4)
+
+
+def dense_kernel(v, kh, kw, cin, cout, block_shape):
+  """The ``(kh, kw, cin, cout)`` kernel of a ``BlockSparseConv``'s variables."""
+  idx = jax.tree.map(np.asarray, v[INDEX_COLLECTION])
+  (bm, bn), blocks = block_shape, v["params"]["blocks"]
+  kernel = jnp.zeros((kh, kw, cin, cout), blocks.dtype)
+  for k in range(int(idx["nnz"])):
+    i, j = idx["rows"][k], idx["cols"][k]
+    kernel = kernel.at[:, :, i * bm:(i + 1) * bm, j * bn:(j + 1) * bn].add(blocks[k])
+  return kernel
+
+
+@pytest.mark.parametrize("impl", ["xla", "cpu"])
+@pytest.mark.parametrize("hw,taps,strides,padding", [
+    ((14, 9), (3, 3), (1, 1), "SAME"), ((13, 7), (3, 3), (2, 2), "SAME"),
+    ((11, 6), (3, 2), (1, 2), "VALID"), ((9, 7), (3, 3), (2, 1), ((1, 0), (2, 1)))])
+def test_conv_in_slabs_matches_lax_conv_forward_and_gradients(monkeypatch, impl, hw, taps,
+                                                              strides, padding):
+  layer = BlockSparseConv(12, taps, (4, 6), nnz_max=4, strides=strides, padding=padding,
+                          impl=impl)
+  x = jax.random.normal(jax.random.key(0), (3, *hw, 8))
+  v = random_variables(layer, x, np.array([[1, 0], [1, 1]], bool))
+  _, ho, wo, _ = jax.eval_shape(layer.apply, v, x).shape
+  row_bytes = 3 * wo * 8 * taps[0] * taps[1] * 4  # one output row's patches, f32
+  monkeypatch.setattr(bsr_layers, "PATCH_BYTES", 2 * row_bytes)
+  assert bsr_layers.slab_rows(ho, row_bytes) < ho  # the forward pass runs in slabs
+
+  def loss(f):
+    return lambda x, b: jnp.sum(jnp.sin(f(x, b)))
+
+  def sparse(x, blocks):
+    return layer.apply({**v, "params": {**v["params"], "blocks": blocks}}, x)
+
+  def reference(x, blocks):
+    kernel = dense_kernel({**v, "params": {"blocks": blocks}}, *taps, 8, 12, (4, 6))
+    y = jax.lax.conv_general_dilated(x, kernel, strides, padding,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + v["params"]["bias"]
+
+  blocks = v["params"]["blocks"]
+  chex.assert_trees_all_close(jax.jit(sparse)(x, blocks), reference(x, blocks), atol=1e-4)
+  got = jax.jit(jax.grad(loss(sparse), argnums=(0, 1)))(x, blocks)
+  want = jax.grad(loss(reference), argnums=(0, 1))(x, blocks)
+  chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_slab_rows_is_the_largest_divisor_within_the_budget(monkeypatch):
+  monkeypatch.setattr(bsr_layers, "PATCH_BYTES", 1000)
+  assert bsr_layers.slab_rows(14, 100) == 7
+  assert bsr_layers.slab_rows(14, 400) == 2
+  assert bsr_layers.slab_rows(13, 100) == 1  # a prime row count: one row at a time
+  assert bsr_layers.slab_rows(14, 5000) == 1  # one row over the budget still runs
+  assert bsr_layers.slab_rows(8, 125) == 8  # fits whole: no slabs
+
+
+@pytest.mark.parametrize("impl,platform,call", [
+    ("pallas_tpu", "tpu", "tpu_custom_call"), ("pallas_gpu", "cuda", "__gpu$xla.gpu.triton")])
+def test_conv_in_slabs_lowers_for_accelerators(monkeypatch, impl, platform, call):
+  monkeypatch.setattr(bsr_layers, "PATCH_BYTES", 1 << 16)
+  # 2x2 taps of 32x128 blocks: (128, 128) blocks of the patch matrix, which both kernels take.
+  layer = BlockSparseConv(256, (2, 2), (32, 128), nnz_max=2, impl=impl)
+  x = jax.ShapeDtypeStruct((16, 8, 8, 64), jnp.float32)
+  v = jax.eval_shape(layer.init, jax.random.key(0), x)
+
+  def forward(params, index, x):
+    return layer.apply({"params": params, INDEX_COLLECTION: index}, x)
+
+  def step(params, index, x):
+    loss = lambda p, x: jnp.sum(forward(p, index, x) ** 2)
+    return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+
+  checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  lower = lambda f: jax.export.export(jax.jit(f), platforms=[platform], disabled_checks=checks)(
+      v["params"], v[INDEX_COLLECTION], x).mlir_module()
+  text = lower(forward)
+  assert "stablehlo.while" in text and text.count(call) == 1  # one slab's product in a loop
+  text = lower(step)
+  assert "stablehlo.while" not in text and text.count(call) == 3  # the whole product, its dx and dW
 
 
 def test_layer_errors():

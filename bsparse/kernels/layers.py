@@ -18,10 +18,12 @@ budget does not change any shape, so a jitted step does not recompile.
 channel-major, ``(c, h, w)``, so rows ``i*bm*kh*kw:(i+1)*bm*kh*kw`` of that matrix hold
 input-channel block ``i`` with all its taps, and the product is one ``bsr_matmul`` with
 ``(bm*kh*kw, bn)`` blocks at the same ``(rows, cols)``. The patches take ``kh*kw`` times
-the activation memory of the input.
+the activation memory of the input, so a patch matrix over ``PATCH_BYTES`` (an evaluation
+batch, say) is built and multiplied a slab of output rows at a time (``conv``).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -34,6 +36,8 @@ from bsparse.kernels.ops import bsr_matmul
 
 INDEX_COLLECTION = "bsr_index"
 Shape2 = tuple[int, int]
+# The most bytes of patches a convolution builds at once (larger ones go in slabs of rows).
+PATCH_BYTES = 32 << 20
 
 
 def _indices(module: nn.Module, grid: Shape2, nnz_max: int):
@@ -87,6 +91,23 @@ def _weight(module, in_features: int, block_shape: Sequence[int], taps: tuple[in
   return bsr_lib.from_indices(blocks, rows, cols, nnz, shape)
 
 
+def _pad(x, taps: Sequence[int], strides: Sequence[int], padding) -> jax.Array:
+  """``x`` (NHWC) with the spatial padding of ``padding`` (a string or explicit pairs)."""
+  pads = jax.lax.padtype_to_pads(x.shape[1:3], taps, strides, padding) \
+      if isinstance(padding, str) else padding
+  return jnp.pad(x, [(0, 0), *pads, (0, 0)])
+
+
+def _valid_patches(x, taps: Sequence[int], strides: Sequence[int]) -> jax.Array:
+  """The patches of already padded ``x``: ``(N, Ho, Wo, C*kh*kw)``, features ``(C, kh, kw)``."""
+  (kh, kw), (sh, sw) = taps, strides
+  ho = (x.shape[1] - kh) // sh + 1
+  wo = (x.shape[2] - kw) // sw + 1
+  cols = [x[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :]
+          for i in range(kh) for j in range(kw)]
+  return jnp.stack(cols, axis=-1).reshape(*cols[0].shape[:3], -1)
+
+
 def patches(x, taps: Sequence[int], strides: Sequence[int], padding) -> jax.Array:
   """``lax.conv_general_dilated_patches`` of NHWC ``x`` by slicing: ``(N, Ho, Wo, C*kh*kw)``
   with features ordered ``(C, kh, kw)``.
@@ -95,15 +116,73 @@ def patches(x, taps: Sequence[int], strides: Sequence[int], padding) -> jax.Arra
   ``(kh*kw*C, kh*kw*C)`` kernel (and so costs more than the block-sparse product it feeds);
   slices, and their pad-and-add gradient, only move data.
   """
+  return _valid_patches(_pad(x, taps, strides, padding), taps, strides)
+
+
+def slab_rows(out_rows: int, row_bytes: int, budget: int | None = None) -> int:
+  """Output rows per slab: the largest divisor of ``out_rows`` whose patches (``row_bytes``
+  per row) fit in ``budget`` bytes (default ``PATCH_BYTES``), and at least 1."""
+  budget = PATCH_BYTES if budget is None else budget
+  fits = [r for r in range(1, out_rows + 1) if out_rows % r == 0 and r * row_bytes <= budget]
+  return max(fits, default=1)
+
+
+def conv(x, w: bsr_lib.BSR, taps: Sequence[int], strides: Sequence[int], padding,
+         impl: str | None = None, patch_bytes: int | None = None) -> jax.Array:
+  """``patches(x) @ W`` for NHWC ``x`` and the ``(C*kh*kw, Cout)`` weight: ``(N, Ho, Wo, Cout)``.
+
+  Where the whole patch matrix would pass ``patch_bytes`` (default ``PATCH_BYTES``; an
+  evaluation batch, say), the forward pass builds and multiplies it a slab of output rows
+  at a time (``_in_slabs``).
+  """
+  x = _pad(x, taps, strides, padding)
+  ho = (x.shape[1] - taps[0]) // strides[0] + 1
+  wo = (x.shape[2] - taps[1]) // strides[1] + 1
+  rows = slab_rows(ho, x.shape[0] * wo * w.shape[0] * x.dtype.itemsize, patch_bytes)
+  if rows == ho:
+    return _whole(x, w, taps, strides, impl)
+  return _in_slabs(x, w, tuple(taps), tuple(strides), rows, impl)
+
+
+def _whole(x, w, taps, strides, impl):
+  return bsr_matmul(_valid_patches(x, taps, strides), w, impl=impl)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _in_slabs(x, w, taps, strides, rows, impl):
+  """``_whole(x, w)`` over padded ``x``, ``rows`` output rows at a time.
+
+  A ``fori_loop`` reads input rows ``[r*sh, r*sh + (rows-1)*sh + kh)`` for the slab of
+  output rows from ``r`` and writes its product in place, so one slab's patches are alive
+  at once; the batch axis is never cut, so a batch sharded over devices stays sharded.
+  Under differentiation the product is whole, as without slabs: the backward pass needs
+  every patch anyway, and keeping them costs less than building them again.
+  """
   (kh, kw), (sh, sw) = taps, strides
-  pads = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), (sh, sw), padding) \
-      if isinstance(padding, str) else padding
-  x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
   ho = (x.shape[1] - kh) // sh + 1
   wo = (x.shape[2] - kw) // sw + 1
-  cols = [x[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :]
-          for i in range(kh) for j in range(kw)]
-  return jnp.stack(cols, axis=-1).reshape(*cols[0].shape[:3], -1)
+  span = (rows - 1) * sh + kh
+
+  def slab(r, y):
+    xs = jax.lax.dynamic_slice_in_dim(x, r * rows * sh, span, axis=1)
+    ys = _whole(xs, w, taps, strides, impl)
+    return jax.lax.dynamic_update_slice_in_dim(y, ys, r * rows, axis=1)
+
+  y = jnp.zeros((x.shape[0], ho, wo, w.shape[1]), x.dtype)
+  return jax.lax.fori_loop(0, ho // rows, slab, y)
+
+
+def _in_slabs_fwd(x, w, taps, strides, rows, impl):
+  del rows
+  return jax.vjp(functools.partial(_whole, taps=taps, strides=strides, impl=impl), x, w)
+
+
+def _in_slabs_bwd(taps, strides, rows, impl, vjp, dy):
+  del taps, strides, rows, impl
+  return vjp(dy)
+
+
+_in_slabs.defvjp(_in_slabs_fwd, _in_slabs_bwd)
 
 
 def _bias(module, y):
@@ -164,5 +243,5 @@ class BlockSparseConv(nn.Module):
     taps = tuple(int(v) for v in self.kernel_size)
     w = _weight(self, x.shape[-1], self.block_shape, taps)
     blocks, x = nn.dtypes.promote_dtype(w.blocks, x, dtype=self.dtype)
-    cols = patches(x, taps, tuple(self.strides), self.padding)
-    return _bias(self, bsr_matmul(cols, w.replace(blocks=blocks), impl=self.impl))
+    y = conv(x, w.replace(blocks=blocks), taps, tuple(self.strides), self.padding, self.impl)
+    return _bias(self, y)

@@ -1,0 +1,115 @@
+r"""Block-sparse convolution: its patch matrix whole or in slabs, against a dense conv.
+
+  python -m benchmarks.bsr_conv                       # the CNN's conv2 and a ResNet conv
+  python -m benchmarks.bsr_conv --batches=1000 --passes=fwd
+
+``BlockSparseConv`` multiplies the patch matrix (im2col, ``kh*kw`` times its input) by the
+block-sparse weight. Above ``kernels.layers.PATCH_BYTES`` of patches (an evaluation batch,
+say) the forward pass builds and multiplies it a slab of output rows at a time. For each
+(layer, batch, pass) this compiles the dense ``lax`` convolution, the block-sparse one with
+its patch matrix whole (``PATCH_BYTES`` unlimited) and in slabs (the default), and reports
+XLA's temporaries of the compiled function (activations and workspace, not arguments or
+outputs) and its time: the minimum over ``--rounds`` interleaved rounds of the mean over
+``--calls`` calls. Masks are random with ``round(density * blocks)`` blocks.
+"""
+from __future__ import annotations
+
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bsparse.kernels import bsr, layers
+
+_BATCHES = flags.DEFINE_list("batches", ["128", "1000"], "Batch sizes.")
+_PASSES = flags.DEFINE_list("passes", ["fwd", "fwd+bwd"], "fwd and/or fwd+bwd.")
+_DENSITY = flags.DEFINE_float("density", 0.1, "Block density of the weights.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds (the minimum is reported).")
+_CALLS = flags.DEFINE_integer("calls", 3, "Calls per round.")
+
+# name: (H = W, Cin, Cout, (bm, bn)); 3x3 taps, stride 1, SAME padding.
+LAYERS = {"cnn conv2": (14, 32, 64, (4, 4)), "resnet stage-1 conv": (32, 16, 16, (4, 4))}
+
+
+def _weight(cin: int, cout: int, block_shape, density: float, seed: int = 0):
+  """Random ``(9, cin, cout)`` blocks under a random mask, and its dense HWIO kernel."""
+  rng = np.random.default_rng(seed)
+  (bm, bn), grid = block_shape, (cin // block_shape[0], cout // block_shape[1])
+  mask = np.zeros(grid[0] * grid[1], bool)
+  mask[rng.choice(mask.size, max(1, round(density * mask.size)), replace=False)] = True
+  mask = np.repeat(np.repeat(mask.reshape(grid), bm, 0), bn, 1)
+  return jnp.asarray(rng.standard_normal((3, 3, cin, cout)) * mask, jnp.float32)
+
+
+def _sparse(kernel, block_shape):
+  """The ``(cin*9, cout)`` BSR weight of an HWIO kernel, rows ordered ``(c, kh, kw)``."""
+  kh, kw, cin, cout = kernel.shape
+  bm, bn = block_shape
+  rows = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(cin * kh * kw, cout)
+  mask = jnp.abs(kernel).sum((0, 1)).reshape(cin // bm, bm, cout // bn, bn).sum((1, 3)) > 0
+  return bsr.from_dense(rows, (bm * kh * kw, bn), nnz_max=int(mask.sum()), mask=mask)
+
+
+def _functions(kernel, block_shape):
+  """``{name: f(x, weight)}`` and the weights they take."""
+  def dense(x, k):
+    return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  def sparse(budget):
+    return lambda x, w: layers.conv(x, w, (3, 3), (1, 1), "SAME", patch_bytes=budget)
+
+  w = _sparse(kernel, block_shape)
+  return {"dense conv": (dense, kernel), "BSR, patches whole": (sparse(1 << 62), w),
+          "BSR, patches in slabs": (sparse(layers.PATCH_BYTES), w)}
+
+
+def _compiled(f, weight, x, kind: str):
+  """``f`` (``fwd``) or the value and gradients of a loss on it (``fwd+bwd``), compiled."""
+  step = f
+  if kind == "fwd+bwd":
+    step = jax.value_and_grad(lambda x, w: jnp.sum(f(x, w) ** 2), argnums=(0, 1),
+                              allow_int=True)
+  return jax.jit(step).lower(x, weight).compile()
+
+
+def measure(name: str, batch: int, kind: str) -> list[tuple[str, float, float]]:
+  """``[(form, ms, temporaries MB)]`` for one layer, batch and pass, timed side by side."""
+  hw, cin, cout, block_shape = LAYERS[name]
+  kernel = _weight(cin, cout, block_shape, _DENSITY.value)
+  x = jax.random.normal(jax.random.key(0), (batch, hw, hw, cin))
+  forms = {k: (_compiled(f, w, x, kind), w)
+           for k, (f, w) in _functions(kernel, block_shape).items()}
+  best = {k: float("inf") for k in forms}
+  for _ in range(_ROUNDS.value):
+    for k, (c, w) in forms.items():
+      jax.block_until_ready(c(x, w))
+      t = time.perf_counter()
+      for _ in range(_CALLS.value):
+        jax.block_until_ready(c(x, w))
+      best[k] = min(best[k], 1e3 * (time.perf_counter() - t) / _CALLS.value)
+  return [(k, best[k], c.memory_analysis().temp_size_in_bytes / 2**20)
+          for k, (c, _) in forms.items()]
+
+
+def main(argv):
+  del argv
+  print(f"{jax.default_backend()}, {len(jax.devices())} device(s); density {_DENSITY.value}, "
+        f"PATCH_BYTES {layers.PATCH_BYTES >> 20} MiB\n")
+  print("| layer | batch | pass | form | ms | temporaries MB | × whole ms | × whole MB |")
+  print("|---|---|---|---|---|---|---|---|")
+  for name in LAYERS:
+    for batch in map(int, _BATCHES.value):
+      for kind in _PASSES.value:
+        rows = measure(name, batch, kind)
+        whole = {k: (ms, mb) for k, ms, mb in rows}["BSR, patches whole"]
+        for form, ms, mb in rows:
+          ratio_mb = f"{mb / whole[1]:.2f}" if whole[1] else "-"
+          print(f"| {name} | {batch} | {kind} | {form} | {ms:.1f} | {mb:.0f} | "
+                f"{ms / whole[0]:.2f} | {ratio_mb} |", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
