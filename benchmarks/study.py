@@ -579,6 +579,8 @@ def targets(results, model, rank_label: str) -> list[tuple[str, str, bool]]:
             (f"{who}: training FLOPs ≤ 0.3x {other}", f"{flops:.2f}x", flops <= 0.3),
             (f"{who}: step time below {other}", *pair("step_ms", "{:.2f} ms")),
             (f"{who}: step memory below {other}", *pair("step_mb", "{:.1f} MB"))]
+    if all(r["rss_mb"] is not None for r in kpd + g):
+      out.append((f"{who}: peak RSS below {other}", *pair("rss_mb", "{:.0f} MB")))
   return out
 
 

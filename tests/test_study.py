@@ -47,6 +47,7 @@ def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path, study_flags):
   text = results.read_text()
   assert "| gradual | 0.5 |" in text and "one-run selection" in text
   assert "| kpd r2 +bsr | 0.5 |" in text and "kpd r2 +bsr at density 0.5" in text
+  assert "peak RSS below" not in text  # runs in this process have no RSS of their own
   glance = text[text.index("## Targets at a glance"):text.index("## mlp")]
   assert "| mlp | 2 epochs | kpd r2 at density 0.5: within 1.0 point of dense |" in glance
   assert "| mlp | 2 epochs | selection, seed 0: training FLOPs ≤ 1.5x that fixed run |" in glance
@@ -128,7 +129,8 @@ def _fake_study(out, lr, runs, epochs=6.0):
     entries[name] = {"run": name, "model": "mlp", "label": label, "target": 1.0 if label ==
                      "dense" else 0.1, "method": label.split()[0], "seed": seed,
                      "accuracy": test, "density": 0.1, "flops": 10.0 if dense else 1.0,
-                     "step_ms": 2.0, "state_mb": 1.0, "step_mb": 2.0, "rss_mb": 500.0,
+                     "step_ms": 2.0, "state_mb": 1.0, "step_mb": 2.0,
+                     "rss_mb": 600.0 if dense else 500.0,
                      "epochs": epochs}
   (out / "study.json").write_text(json.dumps(
       {"runs": entries, "invocations": {"mlp": [f"python -m benchmarks.study lr={lr}"]}}))
@@ -165,6 +167,7 @@ def test_results_report_each_method_at_its_chosen_rate(tmp_path):
   assert "| kpd r4 at density 0.1: training FLOPs ≤ 0.3x gradual | 0.10x | met |" in text
   # The fake runs all take 2 ms a step: not below gradual.
   assert "0.1: step time below gradual | 2.00 ms vs 2.00 ms | **missed** |" in text
+  assert "0.1: peak RSS below gradual | 500 MB vs 600 MB | met |" in text
   assert os.path.exists(tmp_path / "plots" / "mlp_6ep_accuracy_tuned_lr.png")
 
 
