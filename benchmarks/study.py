@@ -222,12 +222,9 @@ def _flag_value(v) -> str:
 
 
 def invocation() -> str:
-  """This study's command line: the flags that differ from their defaults."""
+  """This study's command line: every flag of this module that differs from its default."""
   args = []
-  for holder in (_OUT, _MODELS, _DENSITIES, _SEEDS, _EPOCHS, _RANKS, _FINETUNE, _PRUNE,
-                 _FACTOR_LR, _LAMS, _FREEZES, _METHODS, _SWEEP,
-                 _SWEEP_DENSITY, _RESULTS, _PLOTS_DIR, _LATENCY_BATCH, _OVERRIDES,
-                 _LR_STUDIES, _IN_PROCESS, _REPORT_ONLY):
+  for holder in [v for v in globals().values() if isinstance(v, flags.FlagHolder)]:
     flag = flags.FLAGS[holder.name]
     if flag.value == flag.default:
       continue

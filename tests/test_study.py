@@ -106,6 +106,14 @@ def test_plan_has_a_kpd_row_per_penalty():
   assert names["kpd r4, trimmed L1"] == "mlp/kpd_r4_trimmed_l1_d0.1_s0"  # capitals kept
 
 
+def test_invocation_records_every_flag_of_the_study(study_flags):
+  study_flags(["study", "--models=cnn", "--penalties=l1,trimmed", "--freeze_fractions=1/2",
+               "--nosweep", "--override=batch_size=8"])
+  command = study.invocation()
+  assert command == ("python -m benchmarks.study --models=cnn --penalties=l1,trimmed "
+                     "--freeze_fractions=1/2 --nosweep --override=batch_size=8")
+
+
 def test_report_shows_commands_without_report_paths(monkeypatch, tmp_path):
   monkeypatch.chdir(tmp_path)
   recorded = (f"python -m benchmarks.study --out={tmp_path}/runs/s --models=cnn "
