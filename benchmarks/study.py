@@ -97,6 +97,11 @@ _FREEZES = flags.DEFINE_list(
     "as fractions of the run, a row each per rank, fine-tuning form, pruning schedule and "
     "factor step; label suffix ', mask fixed at <fraction>' for fractions other than "
     "1/3. The cubic pruning ends there too (gradual pruning ends at 1/2).")
+_SWITCHES = flags.DEFINE_list(
+    "switch_fractions", [], "Early switches to block-sparse form (sparsity.switch_epoch; "
+    "bsparse/finetune.py) as fractions of the run. When given, the KPD rows are the +bsr "
+    "cubic ones, a row each per fraction (label suffix ', switch at <fraction>'); each must "
+    "lie at or after the penalty's start (1/12) and before every freeze fraction.")
 _METHODS = flags.DEFINE_list("methods", list(("group_lasso", "gradual", "set", "rigl",
                                               "static")), "Baselines to run beside KPD.")
 _SWEEP = flags.DEFINE_bool("sweep", True, "Also run the block-size sweep and the selection.")
@@ -161,7 +166,9 @@ def schedule(epochs: float) -> dict[str, float]:
 def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
          sweep_density: float, finetunes=("kpd",), prunes=("once",),
          factor_lr_scales=(1.0,), freezes=(KPD_FREEZE,), lams=(None,),
-         penalties=("l1",)) -> list[Run]:
+         penalties=("l1",), switches=(None,)) -> list[Run]:
+  """Every run of the study. KPD gets a row per combination of its settings; an early
+  switch (a fraction in ``switches``; None: none) applies to ``+bsr cubic`` rows only."""
   runs = []
   sch = schedule(epochs)
   kpd_sch = {k: v for k, v in sch.items()
@@ -172,8 +179,10 @@ def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
       base = common + (("seed", seed),)
       runs.append(Run(model, "dense", "dense", 1.0, seed, base + (("method", "dense"),)))
       for d in densities:
-        for r, f, p, k, z, lam, pen in itertools.product(
-            ranks, finetunes, prunes, factor_lr_scales, freezes, lams, penalties):
+        for r, f, p, k, z, lam, pen, w in itertools.product(
+            ranks, finetunes, prunes, factor_lr_scales, freezes, lams, penalties, switches):
+          if w is not None and (f, p) != ("bsr", "cubic"):
+            continue
           # (label suffix, overrides) per setting; the suffix is empty at the default.
           parts = [
               (f"kpd r{r}", (("layers.rank", r), ("sparsity.target_density", d),
@@ -187,7 +196,9 @@ def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
                (("sparsity.freeze_epoch", epochs * z.numerator / z.denominator),)),
               (f", lam {lam:g}", (("sparsity.lam", lam),)) if lam is not None else ("", ()),
               (", trimmed L1", (("sparsity.penalty", pen),)) if pen == "trimmed"
-              else ("", ())]
+              else ("", ()),
+              (f", switch at {w}", (("sparsity.switch_epoch", epochs * w.numerator /
+                                     w.denominator),)) if w is not None else ("", ())]
           runs.append(Run(model, "".join(label for label, _ in parts), "kpd", d, seed,
                           base + tuple(o for _, overrides in parts for o in overrides)))
         for m in methods:
@@ -197,6 +208,21 @@ def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
       if sweep:
         runs += sweep_runs(model, seed, ranks[0], sweep_density, base, sch)
   return runs
+
+
+def check_switches(switches, freezes, finetunes, prunes) -> None:
+  """Raises ``app.UsageError`` naming the fix where ``--switch_fractions`` cannot apply."""
+  if not switches:
+    return
+  if "bsr" not in finetunes or "cubic" not in prunes:
+    raise app.UsageError("--switch_fractions applies to +bsr cubic KPD rows: add bsr to "
+                         "--finetune and cubic to --prune.")
+  start = fractions.Fraction(schedule(6.0)["sparsity.start_epoch"]) / 6  # penalty starts
+  for w in switches:
+    if not start <= w < min(freezes):
+      raise app.UsageError(f"--switch_fractions={w}: a switch must lie in [{start}, "
+                           f"{min(freezes)}), after the penalty starts and before the "
+                           "earliest --freeze_fractions.")
 
 
 def sweep_runs(model, seed, rank, density, base, sch) -> list[Run]:
@@ -775,12 +801,15 @@ def main(argv):
     write_results(lr_choice.read_study(out), _RESULTS.value, _PLOTS_DIR.value, lr_dirs(out))
     print(f"wrote {_RESULTS.value} and {_PLOTS_DIR.value}/")
     return
+  switches = [fractions.Fraction(w) for w in _SWITCHES.value]
+  freezes = [fractions.Fraction(z) for z in _FREEZES.value]
+  check_switches(switches, freezes, _FINETUNE.value, _PRUNE.value)
   runs = plan(_MODELS.value, [float(d) for d in _DENSITIES.value],
               [int(s) for s in _SEEDS.value], ranks, _METHODS.value, _EPOCHS.value,
               _SWEEP.value, _SWEEP_DENSITY.value, _FINETUNE.value, _PRUNE.value,
               [float(k) for k in _FACTOR_LR.value],
-              [fractions.Fraction(z) for z in _FREEZES.value],
-              [float(v) for v in _LAMS.value] or [None], _PENALTIES.value)
+              freezes, [float(v) for v in _LAMS.value] or [None], _PENALTIES.value,
+              switches or [None])
   unique = list({r.name: r for r in runs}.values())
   print(f"{len(unique)} runs in {out}")
   for i, run in enumerate(unique):

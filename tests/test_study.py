@@ -4,11 +4,12 @@ import fractions
 import json
 import os
 
-from absl import flags
+from absl import app, flags
 import pytest
 import tensorflow_datasets as tfds
 
 from benchmarks import lr_choice, study
+from bsparse import finetune
 
 
 @pytest.fixture
@@ -93,6 +94,58 @@ def test_plan_has_a_kpd_row_per_penalty_strength():
   assert kpd["kpd r4, lam 0.002"]["sparsity.lam"] == 2e-3
   default = study.plan(["mlp"], [0.1], [0], [4], [], 6.0, False, 0.25)
   assert "sparsity.lam" not in dict(next(r for r in default if r.method == "kpd").overrides)
+
+
+def test_plan_has_an_early_switch_row_per_fraction_for_bsr_cubic_rows_only():
+  quarter = fractions.Fraction(1, 4)
+  runs = study.plan(["cnn"], [0.1], [0], [4], [], 6.0, False, 0.25, finetunes=("kpd", "bsr"),
+                    prunes=("once", "cubic"), switches=(None, quarter))
+  kpd = {r.label: dict(r.overrides) for r in runs if r.method == "kpd"}
+  assert set(kpd) == {"kpd r4", "kpd r4 cubic", "kpd r4 +bsr", "kpd r4 +bsr cubic",
+                      "kpd r4 +bsr cubic, switch at 1/4"}
+  assert kpd["kpd r4 +bsr cubic, switch at 1/4"]["sparsity.switch_epoch"] == 1.5
+  assert "sparsity.switch_epoch" not in kpd["kpd r4 +bsr cubic"]
+
+
+def test_switch_fractions_that_cannot_apply_are_refused_with_the_fix():
+  third, quarter = fractions.Fraction(1, 3), fractions.Fraction(1, 4)
+  study.check_switches([], [third], ["kpd"], ["once"])  # no switch: nothing to check
+  study.check_switches([quarter], [third], ["bsr"], ["cubic"])
+  with pytest.raises(app.UsageError, match="add bsr to --finetune and cubic to --prune"):
+    study.check_switches([quarter], [third], ["bsr"], ["once"])
+  with pytest.raises(app.UsageError, match=r"--switch_fractions=1/2: .* \[1/12, 1/3\)"):
+    study.check_switches([fractions.Fraction(1, 2)], [third, fractions.Fraction(1, 2)],
+                         ["bsr"], ["cubic"])
+  with pytest.raises(app.UsageError, match="--switch_fractions=1/24"):
+    study.check_switches([fractions.Fraction(1, 24)], [third], ["bsr"], ["cubic"])
+
+
+def test_study_measures_an_early_switch_row(tmp_path, study_flags):
+  out = tmp_path / "runs"
+  study_flags([
+      "study", f"--out={out}", "--models=mlp", "--densities=0.5", "--seeds=0", "--ranks=2",
+      "--methods=", "--finetune=bsr", "--prune=cubic", "--switch_fractions=1/4",
+      "--nosweep", f"--results={tmp_path / 'RESULTS.md'}", f"--plots_dir={tmp_path / 'p'}",
+      "--latency_batch=8", "--in_process", "--override=dataset.source='tfds'",
+      "--override=dataset.val_size=16", "--override=batch_size=8",
+      "--override=eval_batch_size=16", "--override=model_kwargs.hidden=(40,20)",
+      "--override=plots=False", "--override=sparsity.prune_every_steps=1"])
+  with tfds.testing.mock_data(num_examples=48):
+    study.main([])
+  by = {r["label"]: r for r in json.loads((out / "study.json").read_text())["runs"].values()}
+  early = by["kpd r2 +bsr cubic, switch at 1/4"]
+  assert early["density"] == pytest.approx(0.5, abs=0.02)
+  # Epochs of 4 steps: the switch at epoch 1.5 (after step 6) stores more blocks than the
+  # repack at the freeze, epoch 2 (after step 8).
+  workdir = out / "mlp" / "kpd_r2_bsr_cubic_switch_at_1_4_d0.5_s0"
+  first, second = finetune.load_switches(str(workdir))
+  assert (first.step, second.step) == (7, 9)
+  assert sum(v["nnz"] for v in first.layers.values()) > sum(
+      v["nnz"] for v in second.layers.values())
+  assert set(by) == {"dense", "kpd r2 +bsr cubic, switch at 1/4"}  # the listed rows only
+  assert 0 < early["flops"] < by["dense"]["flops"]
+  assert "--switch_fractions=1/4" in json.loads((out / "study.json").read_text())[
+      "invocations"]["mlp"][0]
 
 
 def test_plan_has_a_kpd_row_per_penalty():
