@@ -18,18 +18,24 @@ def study_flags():
   flags.FLAGS.unparse_flags()
 
 
-def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path, study_flags):
-  out, results = tmp_path / "runs", tmp_path / "RESULTS.md"
-  study_flags([
-      "study", f"--out={out}", "--models=mlp", "--densities=0.5", "--seeds=0", "--ranks=2",
-      "--methods=gradual", "--epochs=2", f"--results={results}",
-      f"--plots_dir={tmp_path / 'plots'}", "--latency_batch=8", "--in_process",
-      "--override=dataset.source='tfds'", "--override=dataset.val_size=16",
-      "--override=batch_size=8", "--override=eval_batch_size=16",
-      "--override=model_kwargs.hidden=(40,20)", "--override=plots=False",
-      "--override=log_every_steps=2"])
+def run_tiny_study(tmp_path, *flag_args):
+  """``benchmarks.study`` of a small MLP at density 0.5, seed 0, rank 2, trained in this
+  process on 48 mock examples (32 to train: 4 steps an epoch), plus ``flag_args``. Its
+  callers take the ``study_flags`` fixture, which resets the flags afterwards."""
+  flags.FLAGS([
+      "study", f"--out={tmp_path / 'runs'}", "--models=mlp", "--densities=0.5", "--seeds=0",
+      "--ranks=2", f"--results={tmp_path / 'RESULTS.md'}", f"--plots_dir={tmp_path / 'plots'}",
+      "--latency_batch=8", "--in_process", "--override=dataset.source='tfds'",
+      "--override=dataset.val_size=16", "--override=batch_size=8",
+      "--override=eval_batch_size=16", "--override=model_kwargs.hidden=(40,20)",
+      "--override=plots=False", *flag_args])
   with tfds.testing.mock_data(num_examples=48):
     study.main([])
+
+
+def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path, study_flags):
+  out, results = tmp_path / "runs", tmp_path / "RESULTS.md"
+  run_tiny_study(tmp_path, "--methods=gradual", "--epochs=2", "--override=log_every_steps=2")
   rows = list(json.loads((out / "study.json").read_text())["runs"].values())
   labels = {r["label"] for r in rows}
   assert labels == {"dense", "kpd r2", "kpd r2 +bsr", "gradual", "fixed 28x10",
@@ -122,16 +128,8 @@ def test_switch_fractions_that_cannot_apply_are_refused_with_the_fix():
 
 def test_study_measures_an_early_switch_row(tmp_path, study_flags):
   out = tmp_path / "runs"
-  study_flags([
-      "study", f"--out={out}", "--models=mlp", "--densities=0.5", "--seeds=0", "--ranks=2",
-      "--methods=", "--finetune=bsr", "--prune=cubic", "--switch_fractions=1/4",
-      "--nosweep", f"--results={tmp_path / 'RESULTS.md'}", f"--plots_dir={tmp_path / 'p'}",
-      "--latency_batch=8", "--in_process", "--override=dataset.source='tfds'",
-      "--override=dataset.val_size=16", "--override=batch_size=8",
-      "--override=eval_batch_size=16", "--override=model_kwargs.hidden=(40,20)",
-      "--override=plots=False", "--override=sparsity.prune_every_steps=1"])
-  with tfds.testing.mock_data(num_examples=48):
-    study.main([])
+  run_tiny_study(tmp_path, "--methods=", "--finetune=bsr", "--prune=cubic",
+                 "--switch_fractions=1/4", "--nosweep", "--override=sparsity.prune_every_steps=1")
   by = {r["label"]: r for r in json.loads((out / "study.json").read_text())["runs"].values()}
   early = by["kpd r2 +bsr cubic, switch at 1/4"]
   assert early["density"] == pytest.approx(0.5, abs=0.02)
