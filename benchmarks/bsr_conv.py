@@ -7,10 +7,12 @@ r"""Block-sparse convolution: its patch matrix whole or in slabs, against a dens
 block-sparse weight. Above ``kernels.layers.PATCH_BYTES`` of patches (an evaluation batch,
 say) the forward pass builds and multiplies it a slab of output rows at a time. For each
 (layer, batch, pass) this compiles the dense ``lax`` convolution, the block-sparse one with
-its patch matrix whole (``PATCH_BYTES`` unlimited) and in slabs (the default), and reports
+its patch matrix whole (no budget) and in slabs (``--patch_bytes``, by default
+``PATCH_BYTES``), and reports
 XLA's temporaries of the compiled function (activations and workspace, not arguments or
 outputs) and its time: the minimum over ``--rounds`` interleaved rounds of the mean over
-``--calls`` calls. Masks are random with ``round(density * blocks)`` blocks.
+``--calls`` calls, and the largest difference of its output from the dense conv's. Masks
+are random with ``round(density * blocks)`` blocks.
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ _PASSES = flags.DEFINE_list("passes", ["fwd", "fwd+bwd"], "fwd and/or fwd+bwd.")
 _DENSITY = flags.DEFINE_float("density", 0.1, "Block density of the weights.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds (the minimum is reported).")
 _CALLS = flags.DEFINE_integer("calls", 3, "Calls per round.")
+_PATCH_BYTES = flags.DEFINE_integer(
+    "patch_bytes", None, "Patch budget of the slabbed form (default: "
+    "kernels.layers.PATCH_BYTES).")
 
 # name: (H = W, Cin, Cout, (bm, bn)); 3x3 taps, stride 1, SAME padding.
 LAYERS = {"cnn conv2": (14, 32, 64, (4, 4)), "resnet stage-1 conv": (32, 16, 16, (4, 4))}
@@ -52,7 +57,7 @@ def _sparse(kernel, block_shape):
   return bsr.from_dense(rows, (bm * kh * kw, bn), nnz_max=int(mask.sum()), mask=mask)
 
 
-def _functions(kernel, block_shape):
+def _functions(kernel, block_shape, patch_bytes: int):
   """``{name: f(x, weight)}`` and the weights they take."""
   def dense(x, k):
     return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
@@ -63,7 +68,7 @@ def _functions(kernel, block_shape):
 
   w = _sparse(kernel, block_shape)
   return {"dense conv": (dense, kernel), "BSR, patches whole": (sparse(1 << 62), w),
-          "BSR, patches in slabs": (sparse(layers.PATCH_BYTES), w)}
+          "BSR, patches in slabs": (sparse(patch_bytes), w)}
 
 
 def _compiled(f, weight, x, kind: str):
@@ -75,13 +80,18 @@ def _compiled(f, weight, x, kind: str):
   return jax.jit(step).lower(x, weight).compile()
 
 
-def measure(name: str, batch: int, kind: str) -> list[tuple[str, float, float]]:
-  """``[(form, ms, temporaries MB)]`` for one layer, batch and pass, timed side by side."""
+def measure(name: str, batch: int, kind: str, patch_bytes: int
+            ) -> list[tuple[str, float, float, float]]:
+  """``[(form, ms, temporaries MB, largest |difference| from the dense conv's output)]``
+  for one layer, batch and pass, timed side by side."""
   hw, cin, cout, block_shape = LAYERS[name]
   kernel = _weight(cin, cout, block_shape, _DENSITY.value)
   x = jax.random.normal(jax.random.key(0), (batch, hw, hw, cin))
-  forms = {k: (_compiled(f, w, x, kind), w)
-           for k, (f, w) in _functions(kernel, block_shape).items()}
+  functions = _functions(kernel, block_shape, patch_bytes)
+  dense = functions["dense conv"][0](x, kernel)
+  error = {k: float(jnp.max(jnp.abs(jax.jit(f)(x, w) - dense)))
+           for k, (f, w) in functions.items()}
+  forms = {k: (_compiled(f, w, x, kind), w) for k, (f, w) in functions.items()}
   best = {k: float("inf") for k in forms}
   for _ in range(_ROUNDS.value):
     for k, (c, w) in forms.items():
@@ -90,25 +100,27 @@ def measure(name: str, batch: int, kind: str) -> list[tuple[str, float, float]]:
       for _ in range(_CALLS.value):
         jax.block_until_ready(c(x, w))
       best[k] = min(best[k], 1e3 * (time.perf_counter() - t) / _CALLS.value)
-  return [(k, best[k], c.memory_analysis().temp_size_in_bytes / 2**20)
+  return [(k, best[k], c.memory_analysis().temp_size_in_bytes / 2**20, error[k])
           for k, (c, _) in forms.items()]
 
 
 def main(argv):
   del argv
+  budget = layers.PATCH_BYTES if _PATCH_BYTES.value is None else _PATCH_BYTES.value
   print(f"{jax.default_backend()}, {len(jax.devices())} device(s); density {_DENSITY.value}, "
-        f"PATCH_BYTES {layers.PATCH_BYTES >> 20} MiB\n")
-  print("| layer | batch | pass | form | ms | temporaries MB | × whole ms | × whole MB |")
-  print("|---|---|---|---|---|---|---|---|")
+        f"patch budget {budget / 2**20:g} MiB\n")
+  print("| layer | batch | pass | form | ms | temporaries MB | × whole ms | × whole MB | "
+        "max abs diff from dense |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for name in LAYERS:
     for batch in map(int, _BATCHES.value):
       for kind in _PASSES.value:
-        rows = measure(name, batch, kind)
-        whole = {k: (ms, mb) for k, ms, mb in rows}["BSR, patches whole"]
-        for form, ms, mb in rows:
+        rows = measure(name, batch, kind, budget)
+        whole = {k: (ms, mb) for k, ms, mb, _ in rows}["BSR, patches whole"]
+        for form, ms, mb, err in rows:
           ratio_mb = f"{mb / whole[1]:.2f}" if whole[1] else "-"
           print(f"| {name} | {batch} | {kind} | {form} | {ms:.1f} | {mb:.0f} | "
-                f"{ms / whole[0]:.2f} | {ratio_mb} |", flush=True)
+                f"{ms / whole[0]:.2f} | {ratio_mb} | {err:.1e} |", flush=True)
 
 
 if __name__ == "__main__":
