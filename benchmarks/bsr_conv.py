@@ -21,8 +21,8 @@ import time
 from absl import app, flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from bsparse import baselines
 from bsparse.kernels import bsr, layers
 
 _BATCHES = flags.DEFINE_list("batches", ["128", "1000"], "Batch sizes.")
@@ -39,22 +39,21 @@ LAYERS = {"cnn conv2": (14, 32, 64, (4, 4)), "resnet stage-1 conv": (32, 16, 16,
 
 
 def _weight(cin: int, cout: int, block_shape, density: float, seed: int = 0):
-  """Random ``(9, cin, cout)`` blocks under a random mask, and its dense HWIO kernel."""
-  rng = np.random.default_rng(seed)
-  (bm, bn), grid = block_shape, (cin // block_shape[0], cout // block_shape[1])
-  mask = np.zeros(grid[0] * grid[1], bool)
-  mask[rng.choice(mask.size, max(1, round(density * mask.size)), replace=False)] = True
-  mask = np.repeat(np.repeat(mask.reshape(grid), bm, 0), bn, 1)
-  return jnp.asarray(rng.standard_normal((3, 3, cin, cout)) * mask, jnp.float32)
+  """A random ``(3, 3, cin, cout)`` HWIO kernel under a random block mask (every tap
+  shares it) with ``round(density * blocks)`` blocks."""
+  grid = (cin // block_shape[0], cout // block_shape[1])
+  mask = baselines.random_mask(jax.random.key(seed), grid,
+                               max(1, round(density * grid[0] * grid[1])))
+  w = jax.random.normal(jax.random.key(seed + 1), (3, 3, cin, cout))
+  return w * baselines.expand(mask, block_shape)
 
 
 def _sparse(kernel, block_shape):
-  """The ``(cin*9, cout)`` BSR weight of an HWIO kernel, rows ordered ``(c, kh, kw)``."""
+  """The ``(cin*9, cout)`` BSR weight of an HWIO kernel (rows ordered ``(c, kh, kw)``):
+  its nonzero ``(bm*kh*kw, bn)`` blocks."""
   kh, kw, cin, cout = kernel.shape
-  bm, bn = block_shape
   rows = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(cin * kh * kw, cout)
-  mask = jnp.abs(kernel).sum((0, 1)).reshape(cin // bm, bm, cout // bn, bn).sum((1, 3)) > 0
-  return bsr.from_dense(rows, (bm * kh * kw, bn), nnz_max=int(mask.sum()), mask=mask)
+  return bsr.from_dense(rows, (block_shape[0] * kh * kw, block_shape[1]))
 
 
 def _functions(kernel, block_shape, patch_bytes: int):

@@ -383,8 +383,8 @@ def training_flops(run: Run, config, program, variables, image_shape, rows,
 def bsr_macs(model, switch, image_shape) -> float:
   """Forward MACs per example of ``model``, the block-sparse model of ``switch``: every
   stored block counts, pruned or not (``report.layer_table``)."""
-  x = np.zeros((1, *image_shape), np.float32)
-  variables = model.init(jax.random.key(0), x, train=False)
+  x = jax.ShapeDtypeStruct((1, *image_shape), np.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
   table = report.layer_table(model, {**variables, **switch.index()}, (1, *image_shape))
   return report.totals(table)["bsr_macs"]
 

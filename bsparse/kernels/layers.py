@@ -98,11 +98,14 @@ def _pad(x, taps: Sequence[int], strides: Sequence[int], padding) -> jax.Array:
   return jnp.pad(x, [(0, 0), *pads, (0, 0)])
 
 
+def _out_size(x, taps: Sequence[int], strides: Sequence[int]) -> tuple[int, int]:
+  """``(Ho, Wo)`` of a VALID convolution of already padded NHWC ``x``."""
+  return tuple((x.shape[1 + i] - taps[i]) // strides[i] + 1 for i in (0, 1))
+
+
 def _valid_patches(x, taps: Sequence[int], strides: Sequence[int]) -> jax.Array:
   """The patches of already padded ``x``: ``(N, Ho, Wo, C*kh*kw)``, features ``(C, kh, kw)``."""
-  (kh, kw), (sh, sw) = taps, strides
-  ho = (x.shape[1] - kh) // sh + 1
-  wo = (x.shape[2] - kw) // sw + 1
+  (kh, kw), (sh, sw), (ho, wo) = taps, strides, _out_size(x, taps, strides)
   cols = [x[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :]
           for i in range(kh) for j in range(kw)]
   return jnp.stack(cols, axis=-1).reshape(*cols[0].shape[:3], -1)
@@ -136,8 +139,7 @@ def conv(x, w: bsr_lib.BSR, taps: Sequence[int], strides: Sequence[int], padding
   at a time (``_in_slabs``).
   """
   x = _pad(x, taps, strides, padding)
-  ho = (x.shape[1] - taps[0]) // strides[0] + 1
-  wo = (x.shape[2] - taps[1]) // strides[1] + 1
+  ho, wo = _out_size(x, taps, strides)
   rows = slab_rows(ho, x.shape[0] * wo * w.shape[0] * x.dtype.itemsize, patch_bytes)
   if rows == ho:
     return _whole(x, w, taps, strides, impl)
@@ -158,9 +160,7 @@ def _in_slabs(x, w, taps, strides, rows, impl):
   Under differentiation the product is whole, as without slabs: the backward pass needs
   every patch anyway, so slabs would not lower its peak (and measured slower).
   """
-  (kh, kw), (sh, sw) = taps, strides
-  ho = (x.shape[1] - kh) // sh + 1
-  wo = (x.shape[2] - kw) // sw + 1
+  (kh, _), (sh, _), (ho, wo) = taps, strides, _out_size(x, taps, strides)
   span = (rows - 1) * sh + kh
 
   def slab(r, y):
