@@ -24,10 +24,6 @@ def term_name(block_shape: Sequence[int]) -> str:
   return f"kron_{block_shape[0]}x{block_shape[1]}"
 
 
-def _normal(std: float):
-  return nn.initializers.normal(stddev=std)
-
-
 class KronDense(nn.Module):
   """``y = x @ W + bias`` with ``W = sum_c sum_k kron(S_c * A_ck, B_ck)``.
 
@@ -117,9 +113,9 @@ class _Term(nn.Module):
   def __call__(self):
     m2, n2 = self.block_shape
     s = self.param("S", nn.initializers.ones, (self.m1, self.n1), self.param_dtype)
-    a = self.param("A", _normal(self.std), (self.rank, *self.taps, self.m1, self.n1),
+    a = self.param("A", kron.normal_init(self.std), (self.rank, *self.taps, self.m1, self.n1),
                    self.param_dtype)
-    b = self.param("B", _normal(self.std), (self.rank, m2, n2), self.param_dtype)
+    b = self.param("B", kron.normal_init(self.std), (self.rank, m2, n2), self.param_dtype)
     return s, a, b
 
 

@@ -1,5 +1,6 @@
 """KPD math against explicit jnp.kron sums, forward and gradients."""
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,6 +119,16 @@ def test_kron_dense_init_variance_matches_he_init():
   t = v["params"]["kron_16x16"]
   w = kron.dense_weight(t["S"], t["A"], t["B"])
   assert abs(float(jnp.var(w)) / (2 / 512) - 1) < 0.25
+
+
+@pytest.mark.parametrize("shape", [(7,), (4, 28, 10), (2, 3, 3, 5, 7)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_normal_init_draws_the_values_of_flax_normal(shape, dtype):
+  """The flat draw must not change any initial value (nor so any run's results)."""
+  key = jax.random.key(3)
+  got = kron.normal_init(0.3)(key, shape, dtype)
+  assert got.shape == shape and got.dtype == dtype
+  np.testing.assert_array_equal(got, nn.initializers.normal(0.3)(key, shape, dtype))
 
 
 def test_kron_dense_sums_candidates():

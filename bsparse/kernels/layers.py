@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bsparse import kron
 from bsparse.kernels import bsr as bsr_lib
 from bsparse.kernels.ops import bsr_matmul
 
@@ -67,10 +68,6 @@ def _budget(module: nn.Module, grid: Shape2, nnz_max: int | None) -> int:
   return nnz_max
 
 
-def _blocks_init(std: float):
-  return nn.initializers.normal(stddev=std)
-
-
 def _weight(module, in_features: int, block_shape: Sequence[int], taps: tuple[int, ...]):
   """Creates the variables and returns the ``(Cin*taps, Cout)`` ``BSR`` weight."""
   where = f"layer '{module.name}'"
@@ -83,7 +80,7 @@ def _weight(module, in_features: int, block_shape: Sequence[int], taps: tuple[in
   rows, cols, nnz = _indices(module, grid, nnz_max)
   n_taps = math.prod(taps)
   fan_in = max(1.0, nnz_max * bm * n_taps / grid[1])
-  blocks = module.param("blocks", _blocks_init(math.sqrt(2.0 / fan_in)),
+  blocks = module.param("blocks", kron.normal_init(math.sqrt(2.0 / fan_in)),
                         (nnz_max, *taps, bm, bn), module.param_dtype)
   if taps:
     blocks = jnp.moveaxis(blocks, -2, 1).reshape(nnz_max, bm * n_taps, bn)
