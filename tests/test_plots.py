@@ -1,0 +1,44 @@
+"""The PNGs a run writes: block masks per KPD term and the trajectories."""
+import json
+
+import jax
+import jax.numpy as jnp
+import matplotlib.image
+import numpy as np
+
+from bsparse import layers, plots
+
+
+def _kpd_params(zero_rows: int):
+  layer = layers.KronDense(12, block_shapes=((2, 3), (4, 4)), rank=2)
+  params = jax.tree.map(np.array, layer.init(jax.random.key(0), jnp.zeros((1, 8)))["params"])
+  params["kron_2x3"]["S"][:zero_rows] = 0.0  # pruned blocks: blank in the plot
+  return params
+
+
+def test_plot_masks_draws_one_panel_per_term_with_pruned_blocks_blank(tmp_path):
+  path = str(tmp_path / "masks.png")
+  assert plots.plot_masks(_kpd_params(zero_rows=2), path) == path
+  image = matplotlib.image.imread(path)
+  assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 200  # two panels
+  # The blank (NaN) blocks are drawn in the background colour: the pruned plot is whiter.
+  whiteness = lambda img: float(np.mean(img[..., :3] > 0.99))
+  dense = str(tmp_path / "dense.png")
+  plots.plot_masks(_kpd_params(zero_rows=0), dense)
+  assert whiteness(image) > whiteness(matplotlib.image.imread(dense)) + 0.01
+
+
+def test_plot_masks_skips_models_without_kpd_terms(tmp_path):
+  params = {"dense": {"kernel": np.ones((4, 4)), "bias": np.zeros(4)}}
+  assert plots.plot_masks(params, str(tmp_path / "masks.png")) is None
+  assert not (tmp_path / "masks.png").exists()
+
+
+def test_plot_run_writes_masks_and_trajectories(tmp_path):
+  rows = [{"step": s, "train/loss": 1.0 / s, "train/accuracy": 0.5, "density/fc1/kron_2x3":
+           1.0 - s / 10, "share/fc1/kron_2x3": 0.5} for s in range(1, 6)]
+  rows.append({"step": 5, "val/accuracy": 0.7})
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  written = plots.plot_run(str(tmp_path), _kpd_params(zero_rows=1))
+  assert sorted(p.rsplit("/", 1)[-1] for p in written) == ["masks.png", "trajectories.png"]
+  assert matplotlib.image.imread(written[1]).shape[1] > 3 * 400  # three panels with shares
