@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bsparse import kron
 from bsparse.layers import LayerFactory
 
 
@@ -124,7 +125,7 @@ class ViT(nn.Module):
       cls = self.param("cls_token", nn.initializers.zeros, (1, 1, self.dim))
       x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.dim)).astype(x.dtype),
                            x], axis=1)
-    pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, *x.shape[1:]))
+    pos = self.param("pos_embed", kron.normal_init(0.02), (1, *x.shape[1:]))
     x = x + pos.astype(x.dtype)
     for i in range(self.depth):
       x = x + self._attention(nn.LayerNorm(name=f"block{i}_ln1")(x), f"block{i}_attn")
