@@ -17,7 +17,9 @@ def get_config() -> config_dict.ConfigDict:
   c.dataset.augment = False  # random crop + flip (CIFAR)
 
   c.batch_size = 128  # global, over all devices and processes
-  c.eval_batch_size = 1000
+  # Divides 8-, 16- and 32-device meshes. At 1000 the block-sparse CNN's evaluation program
+  # held 189 MB of XLA temporaries (256: 88 MB), the peak of its run's memory.
+  c.eval_batch_size = 256
   c.num_epochs = 12.0
   c.num_train_steps = -1  # > 0 overrides num_epochs
   c.compute_dtype = "float32"  # float32 | bfloat16 | float16
