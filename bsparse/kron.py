@@ -165,6 +165,7 @@ def kron_conv(x: jax.Array, s: jax.Array, a: jax.Array, b: jax.Array,
 # --------------------------------------------------------------------------- block views
 
 
+@jax.jit  # called eagerly (plots, notebooks): one program per shape, not one per op
 def block_norms(s: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
   """Frobenius norm of every block of ``W`` (over all taps for convs): ``(m1, n1)``.
 

@@ -5,7 +5,6 @@ import math
 import os
 
 import flax.traverse_util as tu
-import jax
 import matplotlib
 
 matplotlib.use("Agg")
@@ -13,8 +12,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bsparse import kron, metric_writers, sparsity  # noqa: E402
-
-_block_norms = jax.jit(kron.block_norms)  # one program per term shape, not one per op
 
 
 def plot_masks(params, path: str) -> str | None:
@@ -28,7 +25,7 @@ def plot_masks(params, path: str) -> str | None:
   fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
   for ax, term in zip(axes.flat, terms):
     s, a, b = (np.asarray(flat[term + (k,)]) for k in "SAB")
-    norms = np.asarray(_block_norms(s, a, b))
+    norms = np.asarray(kron.block_norms(s, a, b))
     ax.imshow(np.where(s != 0, norms, np.nan), cmap="viridis", interpolation="nearest",
               aspect="auto")
     ax.set_title(f"{'/'.join(term)}\nblocks {b.shape[1]}x{b.shape[2]}, "

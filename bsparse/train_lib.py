@@ -215,7 +215,7 @@ class Program:
     if self.switch is not None:
       return finetune.live_scalars(self.switch, state.opt_state)
     return {k: float(v) for k, v in
-            jax.device_get(_compiled_scalars(state.params, state.opt_state)).items()}
+            jax.device_get(sparsity_scalars(state.params, state.opt_state)).items()}
 
 
 def build_program(config, num_classes: int, steps_per_epoch: int, total: int,
@@ -334,6 +334,9 @@ def _check_finite(window: list[dict], last_step: int, manager) -> None:
 # --------------------------------------------------------------------------- main loop
 
 
+# Jitted: op by op it dispatched dozens of small ops, about 70 ms per logged step for a
+# layer with three block-size candidates; compiled, one program per model shape.
+@jax.jit
 def sparsity_scalars(params, opt_state) -> dict[str, jax.Array]:
   """Block density per KPD term or per masked layer of a baseline, and over all weights;
   for layers with several block-size candidates, each candidate's share of the layer's
@@ -342,11 +345,6 @@ def sparsity_scalars(params, opt_state) -> dict[str, jax.Array]:
   out.update({f"share/{k}": v for k, v in sparsity.candidate_share_scalars(params).items()})
   out.update({f"density/{k}": v for k, v in baselines.block_density(params, opt_state).items()})
   return out
-
-
-# One compiled program per model shape: op by op, ``sparsity_scalars`` dispatched dozens of
-# small ops, about 70 ms per logged step for a layer with three block-size candidates.
-_compiled_scalars = jax.jit(sparsity_scalars)
 
 
 def num_steps(config, num_train: int) -> tuple[int, int]:
