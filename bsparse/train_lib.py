@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from bsparse import data as data_lib
 from bsparse import layers as layers_lib
-from bsparse import (baselines, checkpoints, finetune, kernels, metric_writers, models,
-                     plots, selection, sparsity, validate)
+from bsparse import (baselines, checkpoints, finetune, kernels, memory, metric_writers,
+                     models, plots, selection, sparsity, validate)
 from bsparse.checkpoints import checkpoint_manager, save_config
 
 
@@ -385,7 +385,7 @@ def _log_scalars(config, state: TrainState, window: list[dict], seconds: float, 
   scalars = {**_window_scalars(window),
              "examples_per_sec": len(window) * config.batch_size / seconds,
              "lr": float(lr_fn(done - 1)), "lam": float(lam_fn(done - 1)),
-             **program.sparsity_scalars(state)}
+             **program.sparsity_scalars(state), **memory.scalars()}
   if config.nan_policy == "skip":
     scalars["train/skipped_steps"] = int(state.skipped_steps)
   return scalars
@@ -683,7 +683,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     test = evaluate(program.steps, state, datasets.test, config.eval_batch_size)
     summary = {"step": int(state.step), "test/accuracy": test["accuracy"],
                "test/loss": test["loss"], "test/examples": test["examples"],
-               **program.sparsity_scalars(state)}
+               **program.sparsity_scalars(state), **memory.scalars()}
     if config.nan_policy == "skip":
       summary["train/skipped_steps"] = int(state.skipped_steps)
     summary = {k: float(v) if not isinstance(v, int) else v for k, v in summary.items()}

@@ -28,6 +28,8 @@ def test_every_config_trains_on_mock_data(name, tmp_path):
   rows = metric_writers.read_metrics(str(tmp_path))
   assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
   assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+  peaks = [r["memory/peak_rss_mb"] for r in rows if "train/loss" in r]
+  assert min(peaks) > 0 and summary["memory/peak_rss_mb"] > max(peaks) - 1
   sparse = c.layers.kind == "kpd"
   assert ("density/weights" in summary) == sparse
   assert os.path.exists(tmp_path / "checkpoints" / "3")

@@ -1,0 +1,58 @@
+"""Host and accelerator memory of the training process, logged beside its metrics.
+
+``memory/rss_mb`` and ``memory/peak_rss_mb`` are the process's resident set now and its
+high-water mark (Linux ``/proc/self/status``; elsewhere only the peak, from ``getrusage``).
+``memory/device_mb`` and ``memory/device_peak_mb`` are what the first local device reports
+in use (GPU and TPU; XLA:CPU reports nothing). All in MB (2**20 bytes).
+"""
+from __future__ import annotations
+
+import resource
+import sys
+
+import jax
+
+_MB = 2.0**20
+
+
+def _proc_status_kb(*fields: str) -> dict[str, float] | None:
+  """``fields`` of ``/proc/self/status`` in kB, or None where there is no such file."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      lines = f.read().splitlines()
+  except OSError:
+    return None
+  out = {}
+  for line in lines:
+    key, _, value = line.partition(":")
+    if key in fields:
+      out[key] = float(value.split()[0])
+  return out
+
+
+def host_scalars() -> dict[str, float]:
+  """The process's resident set and its peak so far, in MB."""
+  status = _proc_status_kb("VmRSS", "VmHWM")
+  if status and len(status) == 2:
+    return {"memory/rss_mb": status["VmRSS"] / 1024,
+            "memory/peak_rss_mb": status["VmHWM"] / 1024}
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, kB elsewhere
+  return {"memory/peak_rss_mb": peak / (_MB if sys.platform == "darwin" else 1024)}
+
+
+def device_scalars(device: jax.Device | None = None) -> dict[str, float]:
+  """Bytes in use and their peak on ``device`` (default: the first local one), in MB;
+  empty where the backend keeps no such account (XLA:CPU)."""
+  device = device or jax.local_devices()[0]
+  stats = device.memory_stats() or {}
+  out = {}
+  if "bytes_in_use" in stats:
+    out["memory/device_mb"] = stats["bytes_in_use"] / _MB
+  if "peak_bytes_in_use" in stats:
+    out["memory/device_peak_mb"] = stats["peak_bytes_in_use"] / _MB
+  return out
+
+
+def scalars() -> dict[str, float]:
+  """Host and device memory, for one row of the training log."""
+  return {**host_scalars(), **device_scalars()}

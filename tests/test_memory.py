@@ -1,0 +1,36 @@
+"""Process and device memory in the training log (bsparse/memory.py)."""
+import sys
+
+import numpy as np
+import pytest
+
+from bsparse import memory
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_host_scalars_follow_an_allocation():
+  before = memory.host_scalars()
+  block = np.ones(64 * 2**20 // 8)  # 64 MB, every page written
+  during = memory.host_scalars()
+  assert during["memory/rss_mb"] - before["memory/rss_mb"] > 48
+  assert during["memory/peak_rss_mb"] >= during["memory/rss_mb"]
+  del block
+  after = memory.host_scalars()
+  assert after["memory/rss_mb"] < during["memory/rss_mb"] - 48  # freed: large blocks are mmapped
+  # The kernel's RSS counters are per-thread and folded in lazily: 1 MB of slack.
+  assert after["memory/peak_rss_mb"] > during["memory/rss_mb"] - 1
+
+
+class _Device:
+
+  def __init__(self, stats):
+    self._stats = stats
+
+  def memory_stats(self):
+    return self._stats
+
+
+def test_device_scalars_in_mb_and_empty_without_an_account():
+  got = memory.device_scalars(_Device({"bytes_in_use": 3 * 2**20, "peak_bytes_in_use": 2**22}))
+  assert got == {"memory/device_mb": 3.0, "memory/device_peak_mb": 4.0}
+  assert memory.device_scalars(_Device(None)) == {}
