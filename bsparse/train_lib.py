@@ -253,6 +253,7 @@ def evaluate(steps: Steps, state: TrainState, arrays, batch_size: int) -> dict[s
     out = steps.eval(state, steps.put_batch(batch))
     for k in totals:
       totals[k] += float(out[k])
+  memory.release_freed()  # what the eval program's build (first call) and batches freed
   n = max(totals["count"], 1.0)
   return {"accuracy": totals["correct"] / n, "loss": totals["loss"] / n,
           "examples": int(totals["count"])}
@@ -436,9 +437,13 @@ def _train(config, program: Program, state: TrainState, datasets: data_lib.Datas
   show_warnings, emptied = jax.process_index() == 0, set()
   with tqdm(total=total, initial=start, disable=not show, unit="step", dynamic_ncols=True,
             mininterval=1.0) as bar, StopRequest() as stop:
+    compiled = None  # the steps whose train program has been built
     for done in range(start + 1, total + 1):
       steps = program.steps
       state, metrics = steps.train(state, steps.put_batch(next(batches)))
+      if steps is not compiled:  # the first call built it: return the compiler's memory
+        compiled = steps
+        memory.release_freed()
       window.append(metrics)
       last, stopping = done == total, stop.requested(manager, done)
       changing = done in transitions

@@ -21,6 +21,18 @@ def test_host_scalars_follow_an_allocation():
   assert after["memory/peak_rss_mb"] > during["memory/rss_mb"] - 1
 
 
+@pytest.mark.skipif(memory._malloc_trim() is None, reason="needs glibc's malloc_trim")
+def test_release_freed_returns_the_pages_of_freed_small_blocks():
+  blobs = [bytes(1000) + bytes([i % 256]) for i in range(100_000)]  # ~100 MB of malloc'd blocks
+  last = blobs[-1]  # holds the top of the heap, so free() alone cannot shrink it
+  during = memory.host_scalars()["memory/rss_mb"]
+  del blobs
+  assert memory.host_scalars()["memory/rss_mb"] > during - 20  # freed, but still resident
+  assert memory.release_freed()
+  assert memory.host_scalars()["memory/rss_mb"] < during - 80
+  assert last[-1] == 99_999 % 256
+
+
 class _Device:
 
   def __init__(self, stats):
