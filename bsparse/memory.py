@@ -8,8 +8,8 @@ in use (GPU and TPU; XLA:CPU reports nothing). All in MB (2**20 bytes).
 ``release_freed`` gives the heap memory the process has freed back to the operating
 system. XLA's compiler frees its working memory once a program is built, but glibc keeps
 the freed pages in its arenas, and on XLA:CPU that residue was most of the process's
-growth: building the block-sparse CNN's train step left 128 MB resident (the dense
-CNN's 57 MB), of which ``malloc_trim`` returned 146 MB.
+growth: building the KPD CNN's train step raised RSS by 128 MB (the dense CNN's by 57 MB),
+and ``malloc_trim`` right after gave back 146 MB (that build's residue and earlier ones).
 """
 from __future__ import annotations
 
