@@ -10,11 +10,14 @@ system. XLA's compiler frees its working memory once a program is built, but gli
 the freed pages in its arenas, and on XLA:CPU that residue was most of the process's
 growth: building the KPD CNN's train step raised RSS by 128 MB (the dense CNN's by 57 MB),
 and ``malloc_trim`` right after gave back 146 MB (that build's residue and earlier ones).
+
+``forget_programs`` drops the programs a run no longer calls when it starts a new one.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 import resource
 import sys
 
@@ -80,3 +83,15 @@ def release_freed() -> bool:
   in every arena); True if any were returned. A no-op without glibc."""
   trim = _malloc_trim()
   return bool(trim(0)) if trim is not None else False
+
+
+def forget_programs() -> None:
+  """Drops every program JAX has traced or compiled so far (``jax.clear_caches``) and
+  returns the memory that frees. For the moment a run starts a new program: model init,
+  the factored steps before a switch to block-sparse form, and the helpers that ran on
+  them are not called again, and their executables and traces held tens of MB. Whatever
+  is still called is compiled again on its next call."""
+  jax.clear_caches()
+  gc.collect()
+  release_freed()
+

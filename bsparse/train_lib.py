@@ -440,8 +440,11 @@ def _train(config, program: Program, state: TrainState, datasets: data_lib.Datas
     compiled = None  # the steps whose train program has been built
     for done in range(start + 1, total + 1):
       steps = program.steps
+      first = steps is not compiled
+      if first:  # a new program: what earlier ones compiled is dead
+        memory.forget_programs()
       state, metrics = steps.train(state, steps.put_batch(next(batches)))
-      if steps is not compiled:  # the first call built it: return the compiler's memory
+      if first:  # that call built it: return the compiler's memory
         compiled = steps
         memory.release_freed()
       window.append(metrics)
@@ -452,7 +455,8 @@ def _train(config, program: Program, state: TrainState, datasets: data_lib.Datas
       save = done % config.checkpoint_every_steps == 0 or last or stopping or changing
       if config.nan_policy == "stop" and (log or validate_now or save):
         _check_finite(window, done, manager)
-      if changing:
+      if changing:  # the old program is done: the new one starts from a trimmed heap
+        memory.forget_programs()
         state, program = transitions[done](state, program)
         steps = program.steps
       if log:

@@ -1,6 +1,7 @@
 """Process and device memory in the training log (bsparse/memory.py)."""
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -46,3 +47,13 @@ def test_device_scalars_in_mb_and_empty_without_an_account():
   got = memory.device_scalars(_Device({"bytes_in_use": 3 * 2**20, "peak_bytes_in_use": 2**22}))
   assert got == {"memory/device_mb": 3.0, "memory/device_peak_mb": 4.0}
   assert memory.device_scalars(_Device(None)) == {}
+
+
+def test_forget_programs_drops_compiled_programs_and_they_still_run():
+  double = jax.jit(lambda x: 2 * x)
+  np.testing.assert_array_equal(double(np.arange(3.0)), [0.0, 2.0, 4.0])
+  assert double._cache_size() == 1
+  memory.forget_programs()
+  assert double._cache_size() == 0
+  np.testing.assert_array_equal(double(np.arange(3.0)), [0.0, 2.0, 4.0])  # built again
+
