@@ -94,4 +94,3 @@ def forget_programs() -> None:
   jax.clear_caches()
   gc.collect()
   release_freed()
-
