@@ -87,9 +87,9 @@ def release_freed() -> bool:
 
 def forget_programs() -> None:
   """Drops every program JAX has traced or compiled so far (``jax.clear_caches``) and
-  returns the memory that frees. For the moment a run starts a new program: model init,
-  the factored steps before a switch to block-sparse form, and the helpers that ran on
-  them are not called again, and their executables and traces held tens of MB. Whatever
+  returns the memory that frees. Meant for when a run moves to a new program: model init,
+  the factored steps before a switch to block-sparse form and the helpers that ran on
+  them are not called again, yet their executables and traces held tens of MB. Whatever
   is still called is compiled again on its next call."""
   jax.clear_caches()
   gc.collect()
