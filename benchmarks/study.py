@@ -755,7 +755,8 @@ def write_results(study: dict, path: str, plots_dir: str, lr_dirs=()) -> None:
            "`benchmarks/study.py` says how each column is measured. Step time, wall time "
            "and RSS were measured on a machine that other jobs shared at times: the ± "
            "shows that spread, and the analytic FLOPs are the stable cost measure. Peak "
-           "RSS is mostly the JAX runtime and the dataset (about 0.6 GB for any method).\n"]
+           "RSS is mostly the JAX runtime and its libraries (about 0.3 GB), the dataset, "
+           "and XLA's working memory while it compiles the largest train step.\n"]
   groups = lr_choice.collect(lr_dirs) if lr_dirs else {}
   parts += glance(results, lr_choice.chosen_runs(groups))
   for model in models:
