@@ -299,6 +299,18 @@ def lr_schedule(name: str, peak: float, total_steps: int, warmup_steps: int) -> 
   raise ValueError(f"unknown learning-rate schedule '{name}'; valid: ['cosine', 'constant'].")
 
 
+def rewarmed(lr: Schedule, restart_step: int, warmup_steps: int) -> Schedule:
+  """``lr`` with a second linear warm-up over ``warmup_steps`` from ``restart_step``, the
+  step whose update is the first with fresh optimizer moments (a switch to block-sparse
+  form): Adam's first updates from zero moments move every entry by about the learning
+  rate whatever its gradient's scale, which at the schedule's peak undoes part of what
+  the model learnt. Unchanged before ``restart_step`` and when ``warmup_steps`` is 0."""
+  if warmup_steps <= 0:
+    return lr
+  ramp = lambda count: jnp.clip((count - restart_step + 1) / warmup_steps, 0.0, 1.0)
+  return lambda count: lr(count) * jnp.where(count < restart_step, 1.0, ramp(count))
+
+
 OPTIMIZERS = ("adamw", "sgd")
 PENALTIES = ("l1", "trimmed")
 METHODS = ("kpd",) + baselines.METHODS
@@ -315,7 +327,7 @@ def base_optimizer(name: str, lr: Schedule, weight_decay: float, momentum: float
 
 
 def make_optimizer(config, steps_per_epoch: int, total_steps: int,
-                   bsr_grids: dict[str, int] | None = None
+                   bsr_grids: dict[str, int] | None = None, restart_step: int | None = None
                    ) -> tuple[optax.GradientTransformation, Schedule, Schedule]:
   """The training chain from ``config.optimizer`` and ``config.method``: ``kpd`` (the
   block-sparsity transform of ``config.sparsity``) or a baseline of ``bsparse.baselines``
@@ -329,7 +341,10 @@ def make_optimizer(config, steps_per_epoch: int, total_steps: int,
   rate a factored weight changes by a smaller fraction per step than a dense one.
   ``bsr_grids`` (``{'layer': blocks in its grid}``): the block-sparse layers of a model
   switched to that form before the freeze, pruned on to the target (``block_sparsity``).
-  Returns ``(tx, lr_schedule, lam_schedule)``.
+  ``restart_step``: the step from which the moments start over (the switch to block-sparse
+  form); the updates warm up again from there over ``sparsity.switch_warmup_epochs``
+  (``rewarmed``).
+  Returns ``(tx, lr_schedule, lam_schedule)``; ``lr_schedule`` is the step size applied.
   """
   method = config.get("method", "kpd")  # configs saved before methods existed are KPD
   if method not in METHODS:
@@ -337,6 +352,9 @@ def make_optimizer(config, steps_per_epoch: int, total_steps: int,
   opt, sp = config.optimizer, config.sparsity
   lr = lr_schedule(opt.schedule, opt.learning_rate, total_steps,
                    int(opt.warmup_epochs * steps_per_epoch))
+  if restart_step is not None:  # configs saved before the option existed: no re-warm-up
+    lr = rewarmed(lr, restart_step,
+                  int(sp.get("switch_warmup_epochs", 0.0) * steps_per_epoch))
   decay_mask = lambda p: jax.tree.map(lambda l: l in ("kernel", "factor"), param_labels(p))
   base = base_optimizer(opt.name, lr, opt.weight_decay, opt.momentum, decay_mask)
   if opt.grad_clip > 0:

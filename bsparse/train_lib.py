@@ -222,7 +222,8 @@ def build_program(config, num_classes: int, steps_per_epoch: int, total: int,
                   mesh, switch: finetune.Switch | None = None) -> Program:
   model = build_model(config, num_classes, switch)
   grids = switch.grids() if switch is not None and finetune.switches_early(config) else None
-  tx, lr_fn, lam_fn = sparsity.make_optimizer(config, steps_per_epoch, total, grids)
+  restart = finetune.boundary_steps(config, steps_per_epoch)[0] if switch is not None else None
+  tx, lr_fn, lam_fn = sparsity.make_optimizer(config, steps_per_epoch, total, grids, restart)
   consts = switch.index() if switch is not None else {}
   steps = Steps(model, tx, num_classes, mesh, config.label_smoothing, config.nan_policy,
                 consts)

@@ -226,6 +226,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "baseline.lam": _AT_LEAST_0,
     "baseline.update_every_steps": _AT_LEAST_1,
     "sparsity.prune_every_steps": _AT_LEAST_1,
+    "sparsity.switch_warmup_epochs": _AT_LEAST_0,
     "baseline.drop_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "dataset.val_size": _AT_LEAST_0,
     "log_every_steps": _AT_LEAST_1,

@@ -68,6 +68,9 @@ def get_config() -> config_dict.ConfigDict:
   # freeze, and prune the free blocks on to the target (bsparse/finetune.py). < 0: switch
   # at the freeze.
   c.sparsity.switch_epoch = -1.0
+  # After the switch to block-sparse form the optimizer's moments start over; the learning
+  # rate warms up again from 0 over this many epochs (0: none; sparsity.rewarmed).
+  c.sparsity.switch_warmup_epochs = 0.25
 
   # Block-size selection in one run: a layer given several candidate block shapes
   # (layers.block_shapes.<layer> = ((28, 10), (14, 10))) sums one KPD term per candidate.

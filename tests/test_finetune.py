@@ -194,6 +194,26 @@ def test_train_step_benchmark_times_both_kernels_on_the_same_model(reference):
   chex.assert_trees_all_close(states["cpu"].params, states["xla"].params, rtol=1e-4, atol=1e-5)
 
 
+def test_the_learning_rate_warms_up_again_after_the_switch(reference, tmp_path):
+  c, workdir, _, _ = reference
+  warm = switching()  # the reference's default 0.25 epochs is one step here: no ramp
+  warm.sparsity.switch_warmup_epochs = 1.0  # 4 steps
+  helpers.train(warm, tmp_path / "warm")
+  lr = lambda d: {r["step"]: r["lr"] for r in metric_writers.read_metrics(str(d)) if "lr" in r}
+  plain, again = lr(workdir), lr(tmp_path / "warm")
+  # The rows of steps 6-9 log the updates of counts 5-8, the first four with fresh moments.
+  assert [again[s] / plain[s] for s in range(2, 11)] == pytest.approx(
+      [1, 1, 1, 1, 0.25, 0.5, 0.75, 1, 1])  # step 1 logs lr(0) = 0 in both
+  # So the first update after the switch moves the kept blocks a quarter as far.
+  def moved(config, d):
+    at = lambda step: np.asarray(helpers.restored(
+        config, helpers.copy_up_to(d, tmp_path / f"{d.name}{step}", step))[0]
+                                 .params["fc1"]["blocks"])
+    return np.abs(at(6) - at(5)).mean()
+
+  assert moved(warm, tmp_path / "warm") / moved(c, workdir) == pytest.approx(0.25, rel=0.05)
+
+
 @pytest.mark.parametrize("resume_at", [6, 3])  # after the switch, before it
 def test_resuming_around_the_switch_equals_one_run(reference, tmp_path, resume_at):
   c, workdir, _, final = reference

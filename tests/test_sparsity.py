@@ -148,6 +148,17 @@ def test_lam_schedule_warms_up_then_ramps():
   assert float(lam(40)) == 1.0
 
 
+def test_rewarmed_schedule_warms_up_again_from_the_restart():
+  lr = optax.linear_schedule(2.0, 1.0, 100)
+  again = sparsity.rewarmed(lr, restart_step=10, warmup_steps=4)
+  steps = np.arange(30)
+  ramp = np.where(steps < 10, 1.0, np.clip((steps - 9) / 4, 0.0, 1.0))
+  want = np.asarray(lr(steps)) * ramp
+  np.testing.assert_allclose(np.asarray(again(steps)), want, rtol=1e-6)
+  assert float(again(10)) == pytest.approx(float(lr(10)) / 4)  # the first fresh update
+  assert sparsity.rewarmed(lr, 10, 0) is lr
+
+
 def test_unknown_optimizer_names_the_choices():
   with pytest.raises(ValueError, match=r"unknown optimizer 'adam_w'.*adamw"):
     sparsity.base_optimizer("adam_w", lambda t: 1.0, 0.0, 0.0, None)
