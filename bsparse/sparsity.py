@@ -307,8 +307,10 @@ def rewarmed(lr: Schedule, restart_step: int, warmup_steps: int) -> Schedule:
   the model learnt. Unchanged before ``restart_step`` and when ``warmup_steps`` is 0."""
   if warmup_steps <= 0:
     return lr
-  ramp = lambda count: jnp.clip((count - restart_step + 1) / warmup_steps, 0.0, 1.0)
-  return lambda count: lr(count) * jnp.where(count < restart_step, 1.0, ramp(count))
+  ramp = optax.join_schedules(  # 1, then 1/W, 2/W, ... 1 from the restart on
+      [optax.constant_schedule(1.0),
+       optax.linear_schedule(1.0 / warmup_steps, 1.0, warmup_steps - 1)], [restart_step])
+  return lambda count: lr(count) * ramp(count)
 
 
 OPTIMIZERS = ("adamw", "sgd")
