@@ -159,7 +159,8 @@ class Steps:
   kernels in them work on each device's part of the batch (``kernels.split_batch``)."""
 
   def __init__(self, model, tx, num_classes: int, mesh, label_smoothing: float = 0.0,
-               nan_policy: str = "stop", consts: dict | None = None):
+               nan_policy: str = "stop", consts: dict | None = None,
+               compiler_options: dict | None = None):
     self.mesh = mesh
     self.replicated = NamedSharding(mesh, P())
     self.batch_sharding = NamedSharding(mesh, P("data"))
@@ -175,11 +176,13 @@ class Steps:
                                   label_smoothing=label_smoothing,
                                   skip_nonfinite=nan_policy == "skip", consts=consts)),
         in_shardings=(self.replicated, self.batch_sharding),
-        out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+        out_shardings=(self.replicated, self.replicated), donate_argnums=0,
+        compiler_options=compiler_options)
     self.eval = jax.jit(
         on_rows(functools.partial(eval_step, model=model, num_classes=num_classes,
                                   consts=consts)),
-        in_shardings=(self.replicated, self.batch_sharding), out_shardings=self.replicated)
+        in_shardings=(self.replicated, self.batch_sharding), out_shardings=self.replicated,
+        compiler_options=compiler_options)
 
   def put_batch(self, local_batch: dict) -> dict:
     """Assembles each process's slice into one global batch sharded over ``data``."""
@@ -218,6 +221,14 @@ class Program:
             jax.device_get(sparsity_scalars(state.params, state.opt_state)).items()}
 
 
+def compiler_options(config, mesh) -> dict | None:
+  """XLA options for the train and eval steps: ``config.xla_cpu_fusion_emitters=False`` on
+  a CPU mesh turns XLA:CPU's fusion emitters off; None (XLA's defaults) otherwise."""
+  if config.get("xla_cpu_fusion_emitters", True) or mesh.devices.flat[0].platform != "cpu":
+    return None
+  return {"xla_cpu_use_fusion_emitters": False}
+
+
 def build_program(config, num_classes: int, steps_per_epoch: int, total: int,
                   mesh, switch: finetune.Switch | None = None) -> Program:
   model = build_model(config, num_classes, switch)
@@ -226,7 +237,7 @@ def build_program(config, num_classes: int, steps_per_epoch: int, total: int,
   tx, lr_fn, lam_fn = sparsity.make_optimizer(config, steps_per_epoch, total, grids, restart)
   consts = switch.index() if switch is not None else {}
   steps = Steps(model, tx, num_classes, mesh, config.label_smoothing, config.nan_policy,
-                consts)
+                consts, compiler_options(config, mesh))
   return Program(model, tx, (lr_fn, lam_fn), steps, switch, consts)
 
 

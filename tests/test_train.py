@@ -87,6 +87,28 @@ def test_sharded_step_equals_single_device():
   chex.assert_trees_all_close(results[0], results[1], rtol=1e-4, atol=1e-5)
 
 
+def test_cpu_fusion_emitters_off_compiles_another_program_with_the_same_result():
+  c = tiny("mlp_fmnist")
+  mesh = train_lib.data_mesh(jax.devices()[:1])
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(8, 28, 28, 1)).astype(np.float32),
+           "label": rng.integers(0, 10, 8).astype(np.int32)}
+  texts, params = [], []
+  for emitters in (True, False):
+    c.xla_cpu_fusion_emitters = emitters
+    program = train_lib.build_program(c, 10, 10, 10, mesh)
+    state = program.steps.put_state(train_lib.create_state(
+        train_lib.init_variables(program.model, (28, 28, 1), 0), program.tx))
+    b = program.steps.put_batch(batch)
+    texts.append(program.steps.train.lower(state, b).compile().as_text())
+    for _ in range(2):
+      state, _ = program.steps.train(state, b)
+    params.append(jax.device_get(state.params))
+  assert train_lib.compiler_options(c, mesh) == {"xla_cpu_use_fusion_emitters": False}
+  assert texts[0] != texts[1]  # the option reached XLA
+  chex.assert_trees_all_close(params[0], params[1], rtol=1e-5, atol=1e-6)
+
+
 def _run(args, **kw):
   return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                         timeout=300, **kw)
