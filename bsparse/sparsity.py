@@ -354,9 +354,8 @@ def make_optimizer(config, steps_per_epoch: int, total_steps: int,
   opt, sp = config.optimizer, config.sparsity
   lr = lr_schedule(opt.schedule, opt.learning_rate, total_steps,
                    int(opt.warmup_epochs * steps_per_epoch))
-  if restart_step is not None:  # configs saved before the option existed: no re-warm-up
-    lr = rewarmed(lr, restart_step,
-                  int(sp.get("switch_warmup_epochs", 0.0) * steps_per_epoch))
+  if restart_step is not None:
+    lr = rewarmed(lr, restart_step, int(sp.switch_warmup_epochs * steps_per_epoch))
   decay_mask = lambda p: jax.tree.map(lambda l: l in ("kernel", "factor"), param_labels(p))
   base = base_optimizer(opt.name, lr, opt.weight_decay, opt.momentum, decay_mask)
   if opt.grad_clip > 0:

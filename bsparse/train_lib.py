@@ -224,7 +224,7 @@ class Program:
 def compiler_options(config, mesh) -> dict | None:
   """XLA options for the train and eval steps: ``config.xla_cpu_fusion_emitters=False`` on
   a CPU mesh turns XLA:CPU's fusion emitters off; None (XLA's defaults) otherwise."""
-  if config.get("xla_cpu_fusion_emitters", True) or mesh.devices.flat[0].platform != "cpu":
+  if config.xla_cpu_fusion_emitters or mesh.devices.flat[0].platform != "cpu":
     return None
   return {"xla_cpu_use_fusion_emitters": False}
 

@@ -1,6 +1,7 @@
 """When things go wrong: preemption, killed runs, corrupt checkpoints, bad configs, NaNs,
 missing data. Every run is a tiny MLP on ``tfds.testing.mock_data``."""
 import importlib
+import json
 import os
 import shutil
 import signal
@@ -204,6 +205,18 @@ def test_no_intact_checkpoint_stops_without_touching_them(tmp_path):
   with pytest.raises(checkpoints.CheckpointError, match="No checkpoint in .* can be restored"):
     train(c, tmp_path)
   assert steps_on_disk(tmp_path) == [2, 4]
+
+
+def test_a_workdir_saved_before_the_compile_option_resumes_with_it():
+  # An MLP run saved before xla_cpu_fusion_emitters existed: the field counts as its
+  # default (True), the MLP config now sets False, and only compilation changes.
+  config = importlib.import_module("configs.mlp_fmnist").get_config()
+  saved = json.loads(config.to_json_best_effort())
+  del saved["xla_cpu_fusion_emitters"]
+  assert not config.xla_cpu_fusion_emitters
+  assert checkpoints.config_differences(saved, config) == []
+  config.sparsity.lam = 0.02
+  assert checkpoints.config_differences(saved, config) == ["sparsity.lam: 0.0003 -> 0.02"]
 
 
 def test_workdir_of_another_config_is_refused_unless_overwritten(tmp_path):
