@@ -38,6 +38,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli.quiet_logging(sys.argv)
+  train_lib.configure_host(_CONFIG.value)  # before JAX starts its threads
   distributed.initialize_from_flags()
   workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
   logging.info("JAX devices: %s; workdir: %s", jax.devices(), workdir)

@@ -12,6 +12,15 @@ growth: building the KPD CNN's train step raised RSS by 128 MB (the dense CNN's 
 and ``malloc_trim`` right after gave back 146 MB (that build's residue and earlier ones).
 
 ``forget_programs`` drops the programs a run no longer calls when it starts a new one.
+
+``configure_malloc`` keeps glibc from holding freed memory in the first place (the
+config's ``host_malloc``). By default glibc gives each thread that allocates under
+contention its own arena, up to 8 per core, and serves a block from the heap rather than
+from ``mmap`` once a block of that size has been freed (its threshold adapts upward, to
+32 MB), so freed buffers stay resident. XLA:CPU compiles on several threads and allocates
+and frees its large buffers on every step. On the KPD CNN (2 cores), two arenas and a
+fixed 128 kB threshold lowered the compile of its first train step from 646-689 to
+588-605 MB of peak RSS, and its block-sparse phase no longer grows.
 """
 from __future__ import annotations
 
@@ -70,10 +79,10 @@ def scalars() -> dict[str, float]:
 
 
 @functools.cache
-def _malloc_trim():
-  """glibc's ``malloc_trim``, or None where the C library has none (macOS, Windows)."""
+def _glibc(name: str):
+  """glibc's function ``name``, or None where the C library has none (macOS, Windows)."""
   try:
-    return ctypes.CDLL(None).malloc_trim
+    return getattr(ctypes.CDLL(None), name)
   except (AttributeError, OSError, TypeError):
     return None
 
@@ -81,8 +90,36 @@ def _malloc_trim():
 def release_freed() -> bool:
   """Returns the pages of freed heap memory to the operating system (``malloc_trim(0)``
   in every arena); True if any were returned. A no-op without glibc."""
-  trim = _malloc_trim()
+  trim = _glibc("malloc_trim")
   return bool(trim(0)) if trim is not None else False
+
+
+# mallopt parameters (glibc's malloc.h).
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+# glibc refuses thresholds above HEAP_MAX_SIZE / 2 (64-bit).
+MAX_MMAP_THRESHOLD_KB = 32 * 1024
+
+
+def configure_malloc(arena_max: int, mmap_threshold_kb: int) -> bool:
+  """Sets glibc's malloc for this process (``mallopt``); True if every setting took.
+
+  ``arena_max`` caps the number of malloc arenas (0 keeps glibc's 8 per core); threads
+  share them instead of each keeping its own freed memory. ``mmap_threshold_kb`` fixes the
+  size from which blocks come from ``mmap`` and go straight back to the operating system
+  on ``free`` (-1 keeps glibc's adaptive threshold). Takes full effect when called before
+  the process starts its threads (JAX starts its own when the backend initialises); a
+  no-op returning False without glibc.
+  """
+  mallopt = _glibc("mallopt")
+  if mallopt is None:
+    return False
+  took = True
+  if arena_max > 0:
+    took &= bool(mallopt(_M_ARENA_MAX, arena_max))
+  if mmap_threshold_kb >= 0:
+    took &= bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold_kb * 1024))
+  return took
 
 
 def forget_programs() -> None:

@@ -668,6 +668,15 @@ def _transitions(config, workdir: str, spe: int, build) -> dict[int, Transition]
   return out
 
 
+def configure_host(config: ml_collections.ConfigDict) -> None:
+  """Applies the config's process-wide settings: glibc's malloc (``config.host_malloc``,
+  bsparse/memory.py). They take full effect before JAX starts its threads, so train.py
+  applies them first; ``train_and_evaluate`` applies them again for runs started from
+  Python, where threads that already allocated keep their arenas."""
+  validate.validate_host_config(config)
+  memory.configure_malloc(**config.host_malloc)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        overwrite: bool = False) -> dict[str, Any]:
   """Trains ``config`` in ``workdir``, resuming from its latest intact checkpoint;
@@ -679,6 +688,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   NonFiniteError or Interrupted (see ``_train``).
   """
   validate.validate_config(config, build_model)
+  configure_host(config)
   checkpoints.prepare_workdir(workdir, config, overwrite)
   is_main = jax.process_index() == 0
   datasets = data_lib.get_datasets(config)

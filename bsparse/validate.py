@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from bsparse import data as data_lib
-from bsparse import finetune, kron, models, sparsity
+from bsparse import finetune, kron, memory, models, sparsity
 from bsparse import layers as layers_lib
 from configs import base
 
@@ -233,10 +233,15 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval_every_epochs": _POSITIVE,
     "checkpoint_every_steps": _AT_LEAST_1,
     "keep_checkpoints": _AT_LEAST_1,
+    "host_malloc.arena_max": _AT_LEAST_0,
+    "host_malloc.mmap_threshold_kb": (
+        lambda v: -1 <= v <= memory.MAX_MMAP_THRESHOLD_KB,
+        f"in [-1, {memory.MAX_MMAP_THRESHOLD_KB}] (-1: glibc's adaptive threshold)"),
 }
 _INTEGERS = ("seed", "batch_size", "eval_batch_size", "layers.rank", "dataset.val_size",
              "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-             "num_train_steps", "baseline.update_every_steps", "sparsity.prune_every_steps")
+             "num_train_steps", "baseline.update_every_steps", "sparsity.prune_every_steps",
+             "host_malloc.arena_max", "host_malloc.mmap_threshold_kb")
 
 
 def _is_number(value, integer: bool) -> bool:
@@ -244,11 +249,8 @@ def _is_number(value, integer: bool) -> bool:
   return isinstance(value, kind) and not isinstance(value, bool)
 
 
-def _range_problems(config, training: bool) -> list[str]:
+def _number_problems(config, ranges) -> list[str]:
   problems = []
-  ranges = dict(_RANGES)
-  if _get(config, "num_train_steps") is not _MISSING and config.num_train_steps <= 0:
-    ranges["num_epochs"] = _POSITIVE  # the run length comes from num_epochs
   for field, (ok, want) in ranges.items():
     value = _get(config, field)
     integer = field in _INTEGERS
@@ -258,6 +260,23 @@ def _range_problems(config, training: bool) -> list[str]:
       problems.append(_problem(field, value, f"must be {'an integer' if integer else 'a number'}."))
     elif not ok(value):
       problems.append(_problem(field, value, f"must be {want}."))
+  return problems
+
+
+def validate_host_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError if the config's process-wide settings (``host_malloc``) are bad.
+  Checks nothing else and touches no device, so it can run before JAX starts."""
+  problems = _number_problems(
+      config, {f: r for f, r in _RANGES.items() if f.startswith("host_malloc.")})
+  if problems:
+    raise ConfigError("Invalid config:\n  " + "\n  ".join(problems))
+
+
+def _range_problems(config, training: bool) -> list[str]:
+  ranges = dict(_RANGES)
+  if _get(config, "num_train_steps") is not _MISSING and config.num_train_steps <= 0:
+    ranges["num_epochs"] = _POSITIVE  # the run length comes from num_epochs
+  problems = _number_problems(config, ranges)
   if not problems:
     problems += _device_problems(config, training)
   problems += _block_shape_problems(config)
