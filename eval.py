@@ -46,9 +46,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   cli.quiet_logging(sys.argv)
-  distributed.initialize_from_flags()
   workdir = _WORKDIR.value
   config = checkpoints.load_config(workdir)
+  train_lib.configure_host(config)  # before JAX starts its threads
+  distributed.initialize_from_flags()
   validate.validate_config(config, train_lib.build_model, training=False)
   datasets = data_lib.get_datasets(config)
   spe, total = train_lib.num_steps(config, len(datasets.train["label"]))
