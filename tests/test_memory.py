@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from bsparse import memory, validate
+from bsparse import memory, train_lib, validate
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
@@ -65,16 +65,21 @@ def test_a_fixed_mmap_threshold_returns_freed_buffers_that_glibc_would_keep():
   assert kept_mb("fixed") < 16  # each 1 MB block mmapped, and unmapped on free
 
 
-def test_malloc_settings_are_checked_before_anything_runs():
+def test_malloc_settings_are_checked_before_anything_runs(monkeypatch):
   from configs import base
+  calls = []
+  monkeypatch.setattr(memory, "configure_malloc", lambda **kw: calls.append(kw))
   c = base.get_config()
-  validate.validate_host_config(c)
+  c.host_malloc.arena_max = 3
+  train_lib.configure_host(c)
+  assert calls == [{"arena_max": 3, "mmap_threshold_kb": 128}]
   c.host_malloc.arena_max = -1
   c.host_malloc.mmap_threshold_kb = 64 * 1024
   with pytest.raises(validate.ConfigError) as e:
-    validate.validate_host_config(c)
+    train_lib.configure_host(c)
   assert "config.host_malloc.arena_max = -1: must be >= 0" in str(e.value)
   assert "config.host_malloc.mmap_threshold_kb = 65536: must be in [-1, 32768]" in str(e.value)
+  assert len(calls) == 1  # nothing applied
 
 
 class _Device:
