@@ -10,6 +10,8 @@ import sys
 import time
 
 import chex
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -328,3 +330,31 @@ def test_bad_config_message_names_field_value_and_choices(change, words):
 def test_shipped_configs_are_valid(name):
   validate.validate_config(importlib.import_module(f"configs.{name}").get_config(),
                            train_lib.build_model)
+
+
+def _device_fingerprint(tree):
+  """The fingerprint as checkpoints before the host version computed it, on device."""
+  def leaf(x):
+    if x.dtype.itemsize == 1:
+      bits = x.astype(jnp.uint8).astype(jnp.uint32)
+    elif x.dtype.itemsize == 2:
+      bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    else:
+      bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    bits = bits.reshape(-1)
+    return jnp.sum(bits * (2 * jnp.arange(bits.size, dtype=jnp.uint32) + 1), dtype=jnp.uint32)
+  return [int(leaf(x)) for x in jax.tree.leaves(tree)]
+
+
+def test_host_fingerprints_match_the_device_ones_so_older_checkpoints_verify():
+  rng = np.random.default_rng(0)
+  tree = {"w": jnp.asarray(rng.normal(size=(37, 5)), jnp.float32),
+          "h": jnp.asarray(rng.normal(size=(3, 7, 2)), jnp.bfloat16),
+          "step": jnp.asarray(123456789, jnp.int32),
+          "mask": jnp.asarray(rng.random(11) > 0.5),
+          "q": jnp.asarray(rng.integers(-128, 128, 9), jnp.int8),
+          "empty": jnp.zeros((0, 4))}
+  got = checkpoints.fingerprint(tree)
+  assert got == _device_fingerprint(tree)
+  tree["w"] = tree["w"].at[36, 4].add(1e-6)
+  assert checkpoints.fingerprint(tree)[-1] != got[-1]  # leaves in key order: "w" is last
