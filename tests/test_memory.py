@@ -72,7 +72,7 @@ def test_malloc_settings_are_checked_before_anything_runs(monkeypatch):
   c = base.get_config()
   c.host_malloc.arena_max = 3
   train_lib.configure_host(c)
-  assert calls == [{"arena_max": 3, "mmap_threshold_kb": 128}]
+  assert calls == [{"arena_max": 3, "mmap_threshold_kb": -1}]
   c.host_malloc.arena_max = -1
   c.host_malloc.mmap_threshold_kb = 64 * 1024
   with pytest.raises(validate.ConfigError) as e:
