@@ -89,8 +89,8 @@ def fingerprint(tree) -> list[int]:
   way). The arithmetic is exact in uint32, so checkpoints fingerprinted either way verify.
   """
   out = []
-  for x in jax.tree.leaves(tree):
-    flat = np.asarray(jax.device_get(x)).reshape(-1)
+  for x in jax.device_get(jax.tree.leaves(tree)):  # one transfer for the whole state
+    flat = np.asarray(x).reshape(-1)
     size = flat.dtype.itemsize
     bits = flat.view(np.uint32) if size % 4 == 0 else flat.view(f"u{size}").astype(np.uint32)
     weights = 2 * np.arange(bits.size, dtype=np.uint32) + np.uint32(1)

@@ -18,9 +18,11 @@ config's ``host_malloc``). By default glibc gives each thread that allocates und
 contention its own arena, up to 8 per core, and serves a block from the heap rather than
 from ``mmap`` once a block of that size has been freed (its threshold adapts upward, to
 32 MB), so freed buffers stay resident. XLA:CPU compiles on several threads and allocates
-and frees its large buffers on every step. On the KPD CNN (2 cores), two arenas and a
-fixed 128 kB threshold lowered the compile of its first train step from 646-689 to
-588-605 MB of peak RSS, and its block-sparse phase no longer grows.
+and frees its large buffers on every step. On the KPD CNN (2 cores), two arenas lowered
+the compile of its first train step from 646-689 to 582-613 MB of peak RSS, and a fixed
+128 kB threshold (the CNN configs' setting) stops its growth during training. The default
+keeps glibc's adaptive threshold: mapping each step's buffers afresh made the rank-32
+MLP's short steps 2.4x slower.
 """
 from __future__ import annotations
 

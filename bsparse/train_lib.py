@@ -670,9 +670,10 @@ def _transitions(config, workdir: str, spe: int, build) -> dict[int, Transition]
 
 def configure_host(config: ml_collections.ConfigDict) -> None:
   """Applies the config's process-wide settings: glibc's malloc (``config.host_malloc``,
-  bsparse/memory.py). They take full effect before JAX starts its threads, so train.py
-  applies them first; ``train_and_evaluate`` applies them again for runs started from
-  Python, where threads that already allocated keep their arenas."""
+  bsparse/memory.py), after checking them. They take full effect before JAX starts its
+  threads, so train.py and eval.py call this first; ``train_and_evaluate`` applies them
+  again for runs started from Python, where threads that already allocated keep their
+  arenas."""
   validate.validate_host_config(config)
   memory.configure_malloc(**config.host_malloc)
 
@@ -687,8 +688,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config; ``overwrite`` moves an existing workdir aside instead. During training, raises
   NonFiniteError or Interrupted (see ``_train``).
   """
-  validate.validate_config(config, build_model)
-  configure_host(config)
+  validate.validate_config(config, build_model)  # host_malloc included
+  memory.configure_malloc(**config.host_malloc)
   checkpoints.prepare_workdir(workdir, config, overwrite)
   is_main = jax.process_index() == 0
   datasets = data_lib.get_datasets(config)
