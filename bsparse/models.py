@@ -35,6 +35,22 @@ class MLP(nn.Module):
     return self.layers.dense(self.num_classes, "head")(x)
 
 
+def max_pool(x: jax.Array, size: int) -> jax.Array:
+  """``size x size`` max-pooling with stride ``size`` of NHWC ``x``, as ``nn.max_pool`` with
+  VALID padding (trailing rows and columns that do not fill a window are dropped).
+
+  Written as a max over reshaped axes: its gradient is a comparison with the broadcast
+  maximum, where ``nn.max_pool``'s (select-and-scatter) becomes a scatter on XLA:CPU with an
+  index array per element. On the CNN's train step at batch 128 that scatter held 78 of its
+  135 MB of temporaries and made the step 1.5x slower (docs/study_notes.md). A window with
+  tied maxima shares its gradient between them instead of giving it all to the first one;
+  after a ReLU the only likely tie is at zero, where the ReLU passes no gradient anyway.
+  """
+  b, h, w, c = x.shape
+  x = x[:, :h - h % size, :w - w % size]
+  return x.reshape(b, h // size, size, w // size, size, c).max(axis=(2, 4))
+
+
 class CNN(nn.Module):
   """Small CNN for 28x28 inputs: (3x3 conv, ReLU, 2x2 max-pool) per entry of ``features``,
   then a dense hidden layer and the head.
@@ -50,7 +66,7 @@ class CNN(nn.Module):
   def __call__(self, x, train: bool = False):
     for i, width in enumerate(self.features, start=1):
       x = nn.relu(self.layers.conv(width, (3, 3), f"conv{i}", use_bias=True)(x))
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool(x, 2)
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(self.layers.dense(self.hidden, "fc1")(x))
     return self.layers.dense(self.num_classes, "head")(x)

@@ -1,4 +1,5 @@
 """Tests for the model zoo: shapes, layer names, BatchNorm, training signal, KPD sizes."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,3 +174,29 @@ def test_vit_rejects_patch_that_does_not_divide_input():
                               **TINY_VIT)
   with pytest.raises(ValueError, match="patch_size 5"):
     models.weight_layer_names(model, (1, 28, 28, 1))
+
+
+@pytest.mark.parametrize("shape,size", [((2, 28, 28, 3), 2), ((3, 7, 9, 5), 2),
+                                        ((1, 14, 13, 2), 3), ((2, 5, 5, 1), 5)])
+def test_max_pool_matches_flax_forward_and_gradient(shape, size):
+  x = jax.random.normal(jax.random.key(sum(shape)), shape)  # no ties: one max per window
+  cot = jax.random.normal(jax.random.key(1), models.max_pool(x, size).shape)
+
+  def ref(x):
+    return nn.max_pool(x, (size, size), strides=(size, size))
+
+  np.testing.assert_array_equal(models.max_pool(x, size), ref(x))
+  got = jax.grad(lambda x: jnp.sum(models.max_pool(nn.relu(x), size) * cot))(x)
+  want = jax.grad(lambda x: jnp.sum(ref(nn.relu(x)) * cot))(x)
+  np.testing.assert_array_equal(got, want)  # each window's gradient lands on its maximum
+
+
+def test_max_pool_gradient_has_no_scatter():
+  # The point of writing it by hand: nn.max_pool's gradient is a select-and-scatter, which
+  # XLA:CPU turns into a scatter with an index array per element.
+  def grad_hlo(pool):
+    x = jnp.zeros((4, 28, 28, 8))
+    return jax.jit(jax.grad(lambda x: jnp.sum(pool(x) ** 2))).lower(x).as_text()
+
+  assert "scatter" not in grad_hlo(lambda x: models.max_pool(x, 2))
+  assert "select_and_scatter" in grad_hlo(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)))
