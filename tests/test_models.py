@@ -1,4 +1,8 @@
 """Tests for the model zoo: shapes, layer names, BatchNorm, training signal, KPD sizes."""
+import pathlib
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -200,3 +204,16 @@ def test_max_pool_gradient_has_no_scatter():
 
   assert "scatter" not in grad_hlo(lambda x: models.max_pool(x, 2))
   assert "select_and_scatter" in grad_hlo(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)))
+
+
+def test_max_pool_benchmark_times_both_forms_with_the_same_gradient():
+  cmd = [sys.executable, "-m", "benchmarks.max_pool", "--batches=2", "--rounds=1",
+         "--calls=1"]
+  root = pathlib.Path(__file__).resolve().parents[1]
+  out = subprocess.run(cmd, check=True, cwd=root, capture_output=True, text=True,
+                       timeout=300).stdout
+  rows = [r.split("|")[1:-1] for r in out.splitlines() if r.startswith("| cnn")]
+  assert [(r[0].strip(), r[2].strip()) for r in rows] == [
+      (layer, form) for layer in ("cnn pool1", "cnn pool2")
+      for form in ("nn.max_pool", "models.max_pool")]
+  assert all(float(r[4]) > 0 and r[6].strip() == "0" for r in rows)
