@@ -1,6 +1,7 @@
 r"""Each method at its own learning rate, chosen on validation accuracy, across studies.
 
   python -m benchmarks.lr_choice runs/study runs/study_lr5e-3 runs/study_lr1e-2
+  python -m benchmarks.lr_choice --no_base runs/study_lr5e-3 runs/study_lr1e-2
 
 Reads the ``study.json`` of every study directory given (studies that differ only in
 ``--override=optimizer.learning_rate=...``), groups the runs by model, method and target
@@ -9,7 +10,9 @@ validation accuracy and test accuracy (mean ± std over seeds), marking the lear
 with the best mean validation accuracy: the one a tuned comparison reports. Test accuracy
 plays no part in the choice. The first directory is the study at the configs' rate: its
 groups that no other directory runs are left out (nothing was tuned); a group the other
-directories run at one rate only is reported at that rate, marked so. Within a group only
+directories run at one rate only is reported at that rate, marked so. With ``--no_base``
+first, every directory counts as a learning-rate study (each method run only at the rate
+chosen earlier, say, is reported at that rate). Within a group only
 the seeds every learning rate has are compared. ``benchmarks/study.py --lr_studies=...``
 writes this table and the study's tables at the chosen rates into ``RESULTS.md``.
 """
@@ -34,14 +37,17 @@ def final_val_accuracy(workdir: str) -> float:
 
 def read_study(out: str) -> dict:
   """A study directory's ``study.json``: ``{'runs': {name: run}, 'invocations': ...}``."""
-  with open(os.path.join(out, "study.json"), encoding="utf-8") as f:
+  path = os.path.join(out, "study.json")
+  if not os.path.exists(path):
+    raise SystemExit(f"{path} does not exist: is {out} a study's --out directory?")
+  with open(path, encoding="utf-8") as f:
     return json.load(f)
 
 
-def collect(out_dirs: list[str]) -> dict:
+def collect(out_dirs: list[str], base: bool = True) -> dict:
   """``{(model, epochs, label, target): {lr: [run, ...]}}`` of the groups the studies after
-  the first run: each run is its ``study.json`` record with ``lr`` and ``val`` (final
-  validation accuracy) added."""
+  the first run (every study's, without a ``base``): each run is its ``study.json`` record
+  with ``lr`` and ``val`` (final validation accuracy) added."""
   groups = collections.defaultdict(lambda: collections.defaultdict(list))
   tuned = set()
   for i, out in enumerate(out_dirs):
@@ -50,7 +56,7 @@ def collect(out_dirs: list[str]) -> dict:
       lr = checkpoints.load_config(workdir).optimizer.learning_rate
       key = (r["model"], r["epochs"], r["label"], r["target"])
       groups[key][lr].append({**r, "lr": lr, "val": final_val_accuracy(workdir)})
-      if i:
+      if i or not base:
         tuned.add(key)
   return {k: v for k, v in groups.items() if k in tuned}
 
@@ -97,9 +103,11 @@ def table(groups: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) < 2:
+  base = "--no_base" not in argv
+  dirs = [a for a in argv[1:] if a != "--no_base"]
+  if not dirs:
     raise SystemExit(__doc__)
-  print(table(collect(argv[1:])))
+  print(table(collect(dirs, base)))
 
 
 if __name__ == "__main__":

@@ -112,7 +112,8 @@ _LATENCY_BATCH = flags.DEFINE_integer("latency_batch", 256, "Batch for latency t
 _OVERRIDES = flags.DEFINE_multi_string(
     "override", [], "Extra config override for every run, e.g. dataset.source=tfds.")
 _REPORT_ONLY = flags.DEFINE_bool(
-    "report_only", False, "Only rewrite --results from the measurements in study.json.")
+    "report_only", False, "Only rewrite --results from the measurements in --out's "
+    "study.json (without one there: of the --lr_studies alone).")
 _LR_STUDIES = flags.DEFINE_list(
     "lr_studies", [], "Studies of the same runs at other learning rates "
     "(--override=optimizer.learning_rate=...): RESULTS.md then also reports every method at "
@@ -690,19 +691,23 @@ def model_section(results, model, plots_dir, rel, plot_name: str) -> list[str]:
   return parts
 
 
-def tuned_section(out_dirs: list[str], groups: dict, plots_dir: str, rel: str) -> list[str]:
+def tuned_section(out_dirs: list[str], groups: dict, plots_dir: str, rel: str,
+                  base: bool = True) -> list[str]:
   """Every method at its own learning rate, chosen on validation accuracy; a table, plot
   and the done-when checks per model and budget. ``groups``: ``lr_choice.collect`` of
-  ``out_dirs``."""
-  commands = [shown(c) for out in out_dirs[1:]
-               for cs in lr_choice.read_study(out)["invocations"].values() for c in cs]
+  ``out_dirs``; ``base``: the first of them is the study at the configs' rate."""
+  commands = [shown(c) for out in out_dirs[1 if base else 0:]
+              for cs in lr_choice.read_study(out)["invocations"].values() for c in cs]
+  where = ("The tables above train every method at the configs' learning rate. Here each "
+           if base else "Each ")
+  sources = ("The configs' rate is the study above; the other rates come from these "
+             "commands:" if base else "The rates come from these commands:")
   parts = ["## Each method at its own learning rate\n",
-           "The tables above train every method at the configs' learning rate. Here each "
-           "method (model, budget, target density) is run at several rates and reported at "
-           "the one with the best mean final accuracy on the validation split (held out "
-           "from the training set); test accuracy plays no part in the choice "
-           "(`benchmarks/lr_choice.py`). The configs' rate is the study above; the other "
-           "rates come from these commands:\n",
+           f"{where}method (model, budget, target density) is run at several rates and "
+           "reported at the one with the best mean final accuracy on the validation split "
+           "(held out from the training set; a method run at one rate only is reported at "
+           "it, marked so); test accuracy plays no part in the choice "
+           f"(`benchmarks/lr_choice.py`). {sources}\n",
            "\n".join(f"- `{c}`" for c in commands) + "\n", lr_choice.table(groups) + "\n"]
   for model, epochs, runs in budgets(lr_choice.chosen_runs(groups)):
     parts.append(f"### {model}, {epochs:g} epochs, at the chosen rates\n")
@@ -741,8 +746,8 @@ def glance(results, tuned) -> list[str]:
 
 
 def write_results(study: dict, path: str, plots_dir: str, lr_dirs=()) -> None:
-  """Writes the study's report; ``lr_dirs``: this study and its learning-rate variants,
-  for the section at the chosen rates (none when empty)."""
+  """Writes the study's report; ``lr_dirs``: this study (when it has runs) and its
+  learning-rate variants, for the section at the chosen rates (none when empty)."""
   results = list(study["runs"].values())
   rel = os.path.relpath(plots_dir, os.path.dirname(os.path.abspath(path)) or ".")
   models = sorted({r["model"] for r in results})
@@ -757,7 +762,8 @@ def write_results(study: dict, path: str, plots_dir: str, lr_dirs=()) -> None:
            "shows that spread, and the analytic FLOPs are the stable cost measure. Peak "
            "RSS is mostly the JAX runtime and its libraries (about 0.3 GB), the dataset, "
            "and XLA's working memory while it compiles the largest train step.\n"]
-  groups = lr_choice.collect(lr_dirs) if lr_dirs else {}
+  base = bool(results)
+  groups = lr_choice.collect(lr_dirs, base) if lr_dirs else {}
   parts += glance(results, lr_choice.chosen_runs(groups))
   for model in models:
     rs = [r for r in results if r["model"] == model]
@@ -779,7 +785,7 @@ def write_results(study: dict, path: str, plots_dir: str, lr_dirs=()) -> None:
       if sel:
         parts.append(targets_table(sel) + "\n")
   if lr_dirs:
-    parts += tuned_section(lr_dirs, groups, plots_dir, rel)
+    parts += tuned_section(lr_dirs, groups, plots_dir, rel, base)
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(parts))
 
@@ -788,9 +794,19 @@ def write_results(study: dict, path: str, plots_dir: str, lr_dirs=()) -> None:
 
 
 def lr_dirs(out: str) -> list[str]:
-  """This study and its ``--lr_studies``, or nothing when there are none."""
+  """This study (when it has run anything) and its ``--lr_studies``, or nothing when there
+  are none."""
   others = [os.path.abspath(d) for d in _LR_STUDIES.value]
-  return [out, *(d for d in others if d != out)] if others else []
+  mine = [out] if os.path.exists(os.path.join(out, "study.json")) else []
+  return [*mine, *(d for d in others if d != out)] if others else []
+
+
+def reported_study(out: str) -> dict:
+  """``--out``'s ``study.json`` for ``--report_only``; without one, an empty study when
+  ``--lr_studies`` are given (the report is then theirs alone)."""
+  if os.path.exists(os.path.join(out, "study.json")) or not _LR_STUDIES.value:
+    return lr_choice.read_study(out)
+  return {"runs": {}, "invocations": {}}
 
 
 def main(argv):
@@ -799,7 +815,7 @@ def main(argv):
   out = os.path.abspath(_OUT.value)
   ranks = [int(r) for r in _RANKS.value]
   if _REPORT_ONLY.value:
-    write_results(lr_choice.read_study(out), _RESULTS.value, _PLOTS_DIR.value, lr_dirs(out))
+    write_results(reported_study(out), _RESULTS.value, _PLOTS_DIR.value, lr_dirs(out))
     print(f"wrote {_RESULTS.value} and {_PLOTS_DIR.value}/")
     return
   switches = [fractions.Fraction(w) for w in _SWITCHES.value]

@@ -260,3 +260,30 @@ def test_glance_checks_the_kpd_row_chosen_on_validation(tmp_path):
   text = "\n".join(study.glance([], tuned))
   assert "| mlp | 6 epochs, tuned rates | kpd r4 at density 0.1: within 1.0 point of dense" in text
   assert "lam 0" not in text
+
+
+def test_report_of_rate_studies_alone_keeps_methods_run_at_one_rate(tmp_path, study_flags):
+  # Each method rerun at the rate chosen before: gradual and dense at 5e-3, KPD at 1e-2
+  # (dense at both). No study at the configs' rate: --out has no study.json.
+  low = _fake_study(tmp_path / "a", 5e-3, [("dense", 0, 0.90, 0.90), ("gradual", 0, 0.86, 0.86)])
+  high = _fake_study(tmp_path / "b", 1e-2, [("dense", 0, 0.89, 0.99), ("kpd r4", 0, 0.88, 0.87)])
+  assert set(lr_choice.collect([low, high])) == {("mlp", 6.0, "dense", 1.0),
+                                                 ("mlp", 6.0, "kpd r4", 0.1)}
+  flags.FLAGS(["study", f"--out={tmp_path / 'none'}", "--report_only",
+               f"--lr_studies={low},{high}", f"--results={tmp_path / 'R.md'}",
+               f"--plots_dir={tmp_path / 'p'}"])
+  study.main([])
+  text = (tmp_path / "R.md").read_text()
+  assert "The configs' rate is the study above" not in text
+  assert "`python -m benchmarks.study lr=0.005`" in text  # both studies' commands
+  assert "| mlp | 6 | gradual | 0.1 | 0.005 | 1 | 86.00 ± 0.00 | 86.00 ± 0.00 | the only rate run |" in text
+  assert ("| kpd r4 at density 0.1: at least as accurate as gradual | 87.00% vs 86.00% "
+          "(+1.00) | met |") in text
+  assert "| kpd r4 at density 0.1: within 1.0 point of dense | 87.00% vs 90.00% (gap 3.00)" in text
+
+
+def test_report_only_without_a_study_names_the_missing_file(tmp_path, study_flags):
+  flags.FLAGS(["study", f"--out={tmp_path / 'typo'}", "--report_only",
+               f"--results={tmp_path / 'R.md'}"])
+  with pytest.raises(SystemExit, match="typo/study.json does not exist"):
+    study.main([])
