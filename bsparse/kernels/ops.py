@@ -177,13 +177,13 @@ def _matmul_bwd(impl, interpret, transpose, split, res, dy):
   a, b = (dy, x) if transpose else (x, dy)
   dblocks = _per_shard(sampled, split, (True, True, False), False)(a, b, w)
   dblocks = jnp.where(w.valid()[:, None, None], dblocks, 0).astype(w.blocks.dtype)
-  dw = w.replace(blocks=dblocks, rows=_int_zero(w.rows), cols=_int_zero(w.cols),
-                 nnz=_int_zero(w.nnz))
-  return dx.astype(x.dtype), dw
+  return dx.astype(x.dtype), blocks_cotangent(w, dblocks)
 
 
-def _int_zero(v):
-  return np.zeros(v.shape, jax.dtypes.float0)
+def blocks_cotangent(w: bsr_lib.BSR, dblocks: jax.Array) -> bsr_lib.BSR:
+  """The cotangent of ``w`` whose blocks are ``dblocks``; its indices get none."""
+  zero = lambda v: np.zeros(v.shape, jax.dtypes.float0)
+  return w.replace(blocks=dblocks, rows=zero(w.rows), cols=zero(w.cols), nnz=zero(w.nnz))
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
