@@ -4,8 +4,8 @@ r"""Block-sparse convolution: its patch matrix whole or in slabs, against a dens
   python -m benchmarks.bsr_conv --batches=1000 --passes=fwd
 
 ``BlockSparseConv`` multiplies the patch matrix (im2col, ``kh*kw`` times its input) by the
-block-sparse weight. Above ``kernels.layers.PATCH_BYTES`` of patches (an evaluation batch,
-say) the forward pass builds and multiplies it a slab of output rows at a time. For each
+block-sparse weight. Above ``kernels.layers.PATCH_BYTES`` of patches the forward and the
+backward pass build and multiply it a slab of output rows at a time. For each
 (layer, batch, pass) this compiles the dense ``lax`` convolution, the block-sparse one with
 its patch matrix whole (no budget) and in slabs (``--patch_bytes``, by default
 ``PATCH_BYTES``), and reports

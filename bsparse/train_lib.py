@@ -258,6 +258,9 @@ def check_opt_state(state: TrainState, tx: optax.GradientTransformation) -> None
 
 def evaluate(steps: Steps, state: TrainState, arrays, batch_size: int) -> dict[str, float]:
   """Exact accuracy and mean loss over a whole split."""
+  # Wait for the train step that made ``state``: otherwise the eval program's first call is
+  # dispatched while it runs, and the two programs' temporaries are allocated together.
+  jax.block_until_ready(state)
   totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
   for batch in data_lib.eval_batches(arrays, batch_size=batch_size,
                                      process_index=jax.process_index(),
