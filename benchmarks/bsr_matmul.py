@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import sparse
 import numpy as np
 
+from benchmarks.timing import timed
 from bsparse.kernels import bsr, ops
 
 _QUICK = flags.DEFINE_bool("quick", False, "Run a small subset of the grid.")
@@ -105,15 +106,6 @@ class LoadMeter:
   def other(self) -> float:
     (b0, s0, w0), (b1, s1, w1) = self.t0, self._read()
     return max(0.0, ((b1 - b0) - (s1 - s0)) / self.tick / max(w1 - w0, 1e-3) / self.cores)
-
-
-def timed(f, args, calls: int = 1) -> float:
-  """Mean seconds per call over ``calls`` back-to-back calls."""
-  t = time.perf_counter()
-  for _ in range(calls):
-    out = f(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t) / calls
 
 
 def calls_for(f, args) -> int:

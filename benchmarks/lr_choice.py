@@ -35,10 +35,14 @@ def final_val_accuracy(workdir: str) -> float:
   return vals[-1]
 
 
+def has_study(out: str) -> bool:
+  return os.path.exists(os.path.join(out, "study.json"))
+
+
 def read_study(out: str) -> dict:
   """A study directory's ``study.json``: ``{'runs': {name: run}, 'invocations': ...}``."""
   path = os.path.join(out, "study.json")
-  if not os.path.exists(path):
+  if not has_study(out):
     raise SystemExit(f"{path} does not exist: is {out} a study's --out directory?")
   with open(path, encoding="utf-8") as f:
     return json.load(f)

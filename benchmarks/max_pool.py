@@ -15,13 +15,12 @@ over reshaped axes, whose gradient is a comparison with the broadcast maximum.
 """
 from __future__ import annotations
 
-import time
-
 from absl import app, flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from benchmarks.timing import timed
 from bsparse import models
 
 _BATCHES = flags.DEFINE_list("batches", ["128"], "Batch sizes.")
@@ -41,14 +40,6 @@ def _fwd_bwd(pool):
   return jax.jit(grad)
 
 
-def _seconds(f, args, calls: int) -> float:
-  start = time.perf_counter()
-  for _ in range(calls):
-    out = f(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / calls
-
-
 def main(argv):
   del argv
   print(f"backend {jax.default_backend()}, {jax.device_count()} device(s)")
@@ -65,7 +56,7 @@ def main(argv):
       best = dict.fromkeys(compiled, float("inf"))
       for _ in range(_ROUNDS.value):
         for k, f in compiled.items():
-          best[k] = min(best[k], _seconds(f, (x, g), _CALLS.value))
+          best[k] = min(best[k], timed(f, (x, g), _CALLS.value))
       for k, f in compiled.items():
         temp = f.memory_analysis().temp_size_in_bytes / 2**20
         print(f"| {name} | {batch} | {k} | {temp:.1f} | {1000 * best[k]:.2f} | "

@@ -797,14 +797,14 @@ def lr_dirs(out: str) -> list[str]:
   """This study (when it has run anything) and its ``--lr_studies``, or nothing when there
   are none."""
   others = [os.path.abspath(d) for d in _LR_STUDIES.value]
-  mine = [out] if os.path.exists(os.path.join(out, "study.json")) else []
+  mine = [out] if lr_choice.has_study(out) else []
   return [*mine, *(d for d in others if d != out)] if others else []
 
 
 def reported_study(out: str) -> dict:
   """``--out``'s ``study.json`` for ``--report_only``; without one, an empty study when
   ``--lr_studies`` are given (the report is then theirs alone)."""
-  if os.path.exists(os.path.join(out, "study.json")) or not _LR_STUDIES.value:
+  if lr_choice.has_study(out) or not _LR_STUDIES.value:
     return lr_choice.read_study(out)
   return {"runs": {}, "invocations": {}}
 

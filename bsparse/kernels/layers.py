@@ -149,6 +149,14 @@ def _whole(x, w, taps, strides, impl):
   return bsr_matmul(_valid_patches(x, taps, strides), w, impl=impl)
 
 
+def _slab_input(x, r, rows: int, taps, strides) -> tuple[jax.Array, jax.Array]:
+  """``(start, x[:, start:start + span])``: the padded input rows that slab ``r`` of
+  ``rows`` output rows reads, ``span = (rows - 1) * sh + kh``."""
+  (kh, _), (sh, _) = taps, strides
+  start = r * rows * sh
+  return start, jax.lax.dynamic_slice_in_dim(x, start, (rows - 1) * sh + kh, axis=1)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _in_slabs(x, w, taps, strides, rows, impl):
   """``_whole(x, w)`` over padded ``x``, ``rows`` output rows at a time.
@@ -159,11 +167,10 @@ def _in_slabs(x, w, taps, strides, rows, impl):
   The backward pass (``_in_slabs_bwd``) goes slab by slab too: it keeps ``x`` and ``w``,
   not the patches, and rebuilds each slab's patches from ``x``.
   """
-  (kh, _), (sh, _), (ho, wo) = taps, strides, _out_size(x, taps, strides)
-  span = (rows - 1) * sh + kh
+  ho, wo = _out_size(x, taps, strides)
 
   def slab(r, y):
-    xs = jax.lax.dynamic_slice_in_dim(x, r * rows * sh, span, axis=1)
+    _, xs = _slab_input(x, r, rows, taps, strides)
     ys = _whole(xs, w, taps, strides, impl)
     return jax.lax.dynamic_update_slice_in_dim(y, ys, r * rows, axis=1)
 
@@ -180,18 +187,16 @@ def _in_slabs_bwd(taps, strides, rows, impl, res, dy):
   rows of ``dx`` (neighbouring slabs share ``kh - sh`` input rows) and into the block
   gradient."""
   x, w = res
-  (kh, _), (sh, _), (ho, _) = taps, strides, _out_size(x, taps, strides)
-  span = (rows - 1) * sh + kh
+  ho, _ = _out_size(x, taps, strides)
 
   def slab(r, grads):
     dx, dblocks = grads
-    start = r * rows * sh
-    xs = jax.lax.dynamic_slice_in_dim(x, start, span, axis=1)
+    start, xs = _slab_input(x, r, rows, taps, strides)
     _, vjp = jax.vjp(lambda xs, blocks: _whole(xs, w.replace(blocks=blocks), taps,
                                                strides, impl), xs, w.blocks)
     dxs, dbs = vjp(jax.lax.dynamic_slice_in_dim(dy, r * rows, rows, axis=1))
     dx = jax.lax.dynamic_update_slice_in_dim(
-        dx, jax.lax.dynamic_slice_in_dim(dx, start, span, axis=1) + dxs, start, axis=1)
+        dx, jax.lax.dynamic_slice_in_dim(dx, start, xs.shape[1], axis=1) + dxs, start, axis=1)
     return dx, dblocks + dbs
 
   dx, dblocks = jax.lax.fori_loop(0, ho // rows, slab,
