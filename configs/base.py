@@ -27,7 +27,8 @@ def get_config() -> config_dict.ConfigDict:
   c.nan_policy = "stop"  # NaN/Inf loss or gradients: stop | skip (the step, counted)
   # XLA:CPU's fusion emitters. False compiles the train and eval steps with the older
   # emitters: far less compile memory (the KPD MLP's factored step: 410 against 555 MB of
-  # peak RSS) but slower convolutions (the CNN's steps 7-33%). No effect off CPU.
+  # peak RSS) but slower convolutions (the CNN's steps 3-4%). The Fashion-MNIST configs
+  # set False. No effect off CPU.
   c.xla_cpu_fusion_emitters = True
   # glibc malloc of the host process (bsparse/memory.py; no effect without glibc). Its
   # defaults keep what XLA frees: an arena per allocating thread and an mmap threshold
