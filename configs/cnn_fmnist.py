@@ -8,8 +8,9 @@ def get_config():
   c.dataset.name = "fashion_mnist"
   c.num_epochs = 8.0
   # CPU: XLA's older emitters compile KPD's steps without the 116-143 MB peaks of the
-  # fusion emitters (peak RSS 518 +- 8 against 564 +- 10 MB, seeds 0-2) at 3-4% of step
-  # time; the accuracies stay within the seeds' spread (README, config table).
+  # fusion emitters (peak RSS 513 +- 4 against 564 +- 10 MB, seeds 0-2, docs/results_cnn6.md)
+  # at 3-4% of step time; the baselines' results are the same to the bit, KPD's move within
+  # its seeds' spread.
   c.xla_cpu_fusion_emitters = False
   c.layers.dense_layers = ("conv1", "head")
   c.layers.block_shapes.conv2 = (4, 4)  # 32x64 channel plane -> 8x16 grid, shared by 3x3 taps
