@@ -35,6 +35,7 @@ from typing import Any, Callable, NamedTuple, Protocol
 import flax.traverse_util as tu
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from bsparse import kron
@@ -113,8 +114,8 @@ def masked_kernels(params, layout: layers_lib.LayerFactory) -> dict[str, tuple[P
 class Algorithm(Protocol):
   """One sparsity method on one layer; ``t`` is the step counter (0 at the first update)."""
 
-  def init(self, key: jax.Array, grid: Shape2) -> jax.Array:
-    """The mask before the first update: bool ``grid``."""
+  def init(self, key: jax.Array, grid: Shape2, name: str) -> jax.Array:
+    """The mask of layer ``name`` before the first update: bool ``grid``."""
 
   def step(self, t: jax.Array, w: jax.Array, g: jax.Array, mask: jax.Array,
            block_shape: Shape2, key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -130,11 +131,24 @@ def _no_growth(mask: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Static:
-  """A random mask with ``num_kept(density, blocks)`` blocks, fixed from step 0."""
+  """A mask fixed from step 0: ``num_kept(density, blocks)`` random blocks, or
+  ``given[layer]`` (bool ``(m1, n1)``, 1 to ``num_kept`` blocks), e.g. the blocks another
+  run chose (``kept_blocks``), to train them from a fresh initialisation."""
   density: float
+  given: dict[str, Any] | None = None
 
-  def init(self, key, grid):
-    return random_mask(key, grid, num_kept(self.density, grid[0] * grid[1]))
+  def init(self, key, grid, name):
+    k = num_kept(self.density, grid[0] * grid[1])
+    if self.given is None:
+      return random_mask(key, grid, k)
+    mask = np.asarray(self.given.get(name, np.zeros(0)), bool)
+    if mask.shape != tuple(grid) or not 0 < mask.sum() <= k:
+      raise ValueError(
+          f"baseline.mask_from: layer '{name}' needs a {grid[0]}x{grid[1]} block mask with "
+          f"1 to {k} blocks (target density {self.density}); the given run has "
+          f"{'none' if mask.size == 0 else f'{mask.shape[0]}x{mask.shape[1]} with {mask.sum()}'}"
+          ". Give a run of the same model, block shapes and target density.")
+    return jnp.asarray(mask)
 
   def step(self, t, w, g, mask, block_shape, key):
     return w, mask, _no_growth(mask)
@@ -155,7 +169,7 @@ class GroupLasso:
   lr_peak: float
   prune_step: int
 
-  def init(self, key, grid):
+  def init(self, key, grid, name):
     return jnp.ones(grid, bool)
 
   def step(self, t, w, g, mask, block_shape, key):
@@ -180,7 +194,7 @@ class Gradual:
   end_step: int
   every: int
 
-  def init(self, key, grid):
+  def init(self, key, grid, name):
     return jnp.ones(grid, bool)
 
   def kept_at(self, t: jax.Array, num_blocks: int) -> jax.Array:
@@ -216,7 +230,7 @@ class SET:
   every: int
   drop_fraction: float
 
-  def init(self, key, grid):
+  def init(self, key, grid, name):
     return random_mask(key, grid, num_kept(self.density, grid[0] * grid[1]))
 
   def grow_scores(self, g: jax.Array, block_shape: Shape2, key: jax.Array) -> jax.Array:
@@ -285,7 +299,7 @@ def block_masked(base: optax.GradientTransformation, algorithm: Algorithm,
     flat = tu.flatten_dict(params)
     key = jax.random.key(seed)
     masks = {name: algorithm.init(jax.random.fold_in(key, i),
-                                  block_norms(flat[path], shape).shape)
+                                  block_norms(flat[path], shape).shape, name)
              for i, (name, (path, shape)) in enumerate(kernels.items())}
     return BaselineState(jnp.zeros((), jnp.int32), masks, base.init(params))
 
@@ -319,6 +333,27 @@ def layout_from_config(layers_config) -> layers_lib.LayerFactory:
       dense_layers=tuple(layers_config.dense_layers))
 
 
+def kept_blocks(workdir: str) -> dict[str, np.ndarray]:
+  """The block masks a KPD run ended with: ``{layer: bool (m1, n1)}`` from the last switch
+  to block-sparse form recorded in ``workdir`` (``finetune.RECORD_FILE``)."""
+  from bsparse import finetune  # pylint: disable=g-import-not-at-top (finetune imports us)
+  switches = finetune.load_switches(workdir)
+  if not switches:
+    raise ValueError(
+        f"baseline.mask_from={workdir!r} records no block-sparse model "
+        f"({finetune.RECORD_FILE}): give the workdir of a KPD run trained with "
+        "sparsity.finetune='bsr' past its mask freeze.")
+  masks = {}
+  for name, layer in switches[-1].layers.items():
+    if "grid" not in layer:
+      raise ValueError(f"baseline.mask_from={workdir!r}: its {finetune.RECORD_FILE} predates "
+                       "block grids in the record; rerun that KPD run with this version.")
+    mask = np.zeros(layer["grid"], bool)
+    mask[layer["rows"], layer["cols"]] = True
+    masks[name] = mask
+  return masks
+
+
 def algorithm_from_config(config, lr: Schedule, steps_per_epoch: int) -> Algorithm:
   """The algorithm of ``config.method`` (a masking method of ``METHODS``) from
   ``config.baseline``; epochs become steps with ``steps_per_epoch``."""
@@ -327,7 +362,7 @@ def algorithm_from_config(config, lr: Schedule, steps_per_epoch: int) -> Algorit
   if not 0 < b.target_density <= 1:
     raise ValueError(f"baseline.target_density must be in (0, 1], got {b.target_density}.")
   if method == "static":
-    return Static(b.target_density)
+    return Static(b.target_density, kept_blocks(b.mask_from) if b.get("mask_from") else None)
   if method == "group_lasso":
     return GroupLasso(b.target_density, b.lam, lr, config.optimizer.learning_rate,
                       steps(b.prune_epoch))

@@ -108,6 +108,9 @@ def get_config() -> config_dict.ConfigDict:
   c.baseline.end_epoch = 8.0  # gradual: target reached; set/rigl: last mask update
   c.baseline.update_every_steps = 100  # gradual, set, rigl: steps between mask updates
   c.baseline.drop_fraction = 0.3  # set/rigl: share of active blocks replaced, cosine to 0
+  # static: train the blocks this KPD workdir ended with (sparsity.finetune='bsr') from a
+  # fresh initialisation instead of random ones; '' draws them at random.
+  c.baseline.mask_from = ""
 
   c.kernels = config_dict.ConfigDict()
   c.kernels.impl = "auto"  # auto | xla | cpu | pallas_tpu | pallas_gpu

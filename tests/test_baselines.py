@@ -228,3 +228,52 @@ def test_make_optimizer_trains_a_dense_mlp(method):
   assert set(density) == {"fc1", "fc2", "weights"}
   assert float(density["fc1"]) == pytest.approx(33 / 112)  # 28x4 blocks of 28x10
   assert float(density["fc2"]) == pytest.approx(2 / 8)
+
+
+def given_masks(seed=0, counts=None):
+  """A mask per layer of GRIDS with ``counts[layer]`` blocks (default: num_kept at 0.3)."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for name, grid in GRIDS.items():
+    k = (counts or {}).get(name, baselines.num_kept(0.3, grid[0] * grid[1]))
+    flat = np.zeros(grid[0] * grid[1], bool)
+    flat[rng.choice(flat.size, k, replace=False)] = True
+    out[name] = flat.reshape(grid)
+  return out
+
+
+def test_static_trains_exactly_the_given_blocks():
+  masks = given_masks(counts={"fc1": 3})  # fewer than num_kept(0.3, 16) = 4 is allowed
+  tx = baselines.block_masked(optax.adam(0.05), baselines.Static(0.3, masks), LAYOUT)
+  for params, state in run(tx, toy_params(), 6):
+    for name, mask in masks.items():
+      np.testing.assert_array_equal(np.asarray(state.masks[name]), mask)
+      assert np.all(norms(params, name)[~mask] == 0) and np.all(norms(params, name)[mask] > 0)
+
+
+@pytest.mark.parametrize("counts,grid", [({"fc1": 5}, None), ({"fc1": 0}, None),
+                                         (None, (2, 4))])
+def test_static_rejects_a_given_mask_that_does_not_fit(counts, grid):
+  masks = given_masks(counts=counts)
+  if grid:
+    masks["conv"] = np.ones(grid, bool)
+  tx = baselines.block_masked(optax.sgd(0.1), baselines.Static(0.3, masks), LAYOUT)
+  with pytest.raises(ValueError, match=r"layer '(fc1|conv)' needs a \d+x\d+ block mask with "
+                     r"1 to \d+ blocks"):
+    tx.init(toy_params())
+
+
+def test_mask_from_takes_the_blocks_a_kpd_run_ended_with(tmp_path):
+  from bsparse import finetune
+  layer = lambda rows, cols: {"block_shape": [3, 2], "kernel_size": None, "rows": rows,
+                              "cols": cols, "nnz": len(rows), "grid": [4, 4]}
+  early = finetune.Switch(5, {"fc1": layer([0, 1, 2, 3, 3], [0, 1, 2, 0, 3])}, {})
+  final = finetune.Switch(9, {"fc1": layer([1, 3], [1, 3])}, {})
+  finetune.save_switches(str(tmp_path), [early, final])
+  mask = baselines.kept_blocks(str(tmp_path))["fc1"]
+  assert sorted(zip(*np.nonzero(mask))) == [(1, 1), (3, 3)]
+
+  c = mlp_config("static")
+  c.baseline.mask_from = str(tmp_path / "missing")
+  with pytest.raises(ValueError, match="records no block-sparse model.*finetune='bsr'"):
+    baselines.algorithm_from_config(c, lambda t: 0.1, 10)
