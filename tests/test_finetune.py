@@ -12,7 +12,7 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from bsparse import (checkpoints, data, export, finetune, metric_writers, report, sparsity,
+from bsparse import (baselines, checkpoints, data, export, finetune, metric_writers, report, sparsity,
                      train_lib, validate)
 from benchmarks import train_step
 from tests import helpers
@@ -311,6 +311,20 @@ def test_an_early_switch_prunes_the_free_blocks_then_keeps_only_the_survivors(ea
   adam = [s for s in jax.tree.leaves(final.opt_state, is_leaf=lambda s: isinstance(
       s, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)]
   assert int(adam[0].count) == 12 - 3
+
+
+def test_static_trains_the_blocks_the_early_switch_kept(early_run, tmp_path):
+  """``baseline.mask_from``: a dense model whose static mask is the KPD run's final blocks."""
+  workdir = early_run[1]
+  c = helpers.tiny("mlp_fmnist_dense", 4, **{
+      "method": "static", "baseline.target_density": 0.2, "baseline.mask_from": str(workdir)})
+  summary = helpers.train(c, tmp_path)
+  masks = baselines.baseline_state(helpers.restored(c, tmp_path)[0].opt_state).masks
+  [_, second] = finetune.load_switches(str(workdir))
+  for name, layer in second.layers.items():
+    assert sorted(zip(*np.nonzero(np.asarray(masks[name])))) == sorted(
+        zip(layer["rows"], layer["cols"]))
+  assert summary["density/fc1"] == pytest.approx(22 / 112)
 
 
 def test_the_repack_keeps_the_function_and_the_moments(early_run, tmp_path):
