@@ -22,7 +22,9 @@ on the blocks themselves are pruned, by Frobenius norm, on the same cubic schedu
 (``sparsity.block_sparsity`` with ``bsr_grids``), so the blocks the pruning ranks have
 trained freely, as in gradual pruning of a dense model, at a fraction of its cost. After
 the freeze step ``repack`` keeps only the surviving blocks (the optimizer's moments of
-those blocks go on); the record then lists both switches.
+those blocks go on); the record then lists both switches. Until then a step computes
+every stored block, pruned or not; with ``sparsity.repack_every_steps`` the model is also
+repacked every that many steps in between, and the record lists every repack.
 """
 from __future__ import annotations
 
@@ -60,14 +62,16 @@ def switches_early(config: ml_collections.ConfigDict) -> bool:
 def boundary_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> list[int]:
   """The steps after which the model changes form: ``[freeze_step + 1]`` (the step whose
   update fixes the mask), or with an early switch ``[switch_step + 1, freeze_step + 1]``
-  (the switch, then the repack); empty when it never switches."""
+  (the switch, then the repack), with a repack every ``sparsity.repack_every_steps``
+  between them; empty when it never switches."""
   sp = config.sparsity
   if form(config) != "bsr" or config.get("method", "kpd") != "kpd" or sp.freeze_epoch < 0:
     return []
   freeze = int(sp.freeze_epoch * steps_per_epoch) + 1
   if not switches_early(config):
     return [freeze]
-  return [int(sp.switch_epoch * steps_per_epoch) + 1, freeze]
+  switch, every = int(sp.switch_epoch * steps_per_epoch) + 1, sp.get("repack_every_steps", 0)
+  return [switch, *(range(switch + every, freeze, every) if every > 0 else ()), freeze]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -548,9 +548,10 @@ def _switcher(config, workdir: str, build: Callable[..., Program]) -> Transition
   return switch
 
 
-def _repacker(config, workdir: str, build: Callable[..., Program]) -> Transition:
-  """After the freeze step of a run that switched early, keeps only the blocks its
-  pruning left (``finetune.repack``) and records the second switch in ``workdir``."""
+def _repacker(config, workdir: str, build: Callable[..., Program], last: bool) -> Transition:
+  """In a run that switched early, keeps only the blocks its pruning left so far
+  (``finetune.repack``; ``last``: at the freeze, the pruning is done) and adds that switch
+  to the record in ``workdir``."""
 
   def repack(state: TrainState, program: Program) -> tuple[TrainState, Program]:
     record, params, opt_state = finetune.repack(
@@ -559,9 +560,11 @@ def _repacker(config, workdir: str, build: Callable[..., Program]) -> Transition
     repacked = build(config, record)
     state = repacked.steps.put_state(state.replace(params=params, opt_state=opt_state))
     if jax.process_index() == 0:
-      finetune.save_switches(workdir, [program.switch, record])
-      tqdm.write(f"step {record.step}: the pruning is done; the model keeps "
-                 f"{sum(v['nnz'] for v in record.layers.values())} blocks")
+      earlier = [s for s in finetune.load_switches(workdir) if s.step < record.step]
+      finetune.save_switches(workdir, earlier + [record])
+      kept = sum(v["nnz"] for v in record.layers.values())
+      tqdm.write(f"step {record.step}: the pruning is done; the model keeps {kept} blocks"
+                 if last else f"step {record.step}: repacked to the {kept} blocks kept so far")
     checkpoints.sync("bsparse_repack")
     return state, repacked
 
@@ -656,7 +659,7 @@ def read_program(config, workdir: str, datasets: data_lib.Datasets
 def _transitions(config, workdir: str, spe: int, build) -> dict[int, Transition]:
   """The model changes of the run by step: the block-size selection, then the switch to
   block-sparse form (both after one step when they coincide), and after an early switch
-  the repack at the freeze."""
+  the repacks until the freeze."""
   out: dict[int, Transition] = {}
   select_at = selection.boundary_step(config, spe)
   if select_at is not None:
@@ -666,8 +669,8 @@ def _transitions(config, workdir: str, spe: int, build) -> dict[int, Transition]
     switch_at = boundaries[0]
     switch, before = _switcher(config, workdir, build), out.get(switch_at)
     out[switch_at] = switch if before is None else (lambda s, p: switch(*before(s, p)))
-  if len(boundaries) > 1:
-    out[boundaries[1]] = _repacker(config, workdir, build)
+  for boundary in boundaries[1:]:
+    out[boundary] = _repacker(config, workdir, build, last=boundary == boundaries[-1])
   return out
 
 

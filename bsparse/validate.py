@@ -227,6 +227,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "baseline.update_every_steps": _AT_LEAST_1,
     "sparsity.prune_every_steps": _AT_LEAST_1,
     "sparsity.switch_warmup_epochs": _AT_LEAST_0,
+    "sparsity.repack_every_steps": _AT_LEAST_0,
     "baseline.drop_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "dataset.val_size": _AT_LEAST_0,
     "log_every_steps": _AT_LEAST_1,
@@ -241,7 +242,8 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 _INTEGERS = ("seed", "batch_size", "eval_batch_size", "layers.rank", "dataset.val_size",
              "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
              "num_train_steps", "baseline.update_every_steps", "sparsity.prune_every_steps",
-             "host_malloc.arena_max", "host_malloc.mmap_threshold_kb")
+             "sparsity.repack_every_steps", "host_malloc.arena_max",
+             "host_malloc.mmap_threshold_kb")
 
 
 def _is_number(value, integer: bool) -> bool:

@@ -81,6 +81,10 @@ def get_config() -> config_dict.ConfigDict:
   # freeze, and prune the free blocks on to the target (bsparse/finetune.py). < 0: switch
   # at the freeze.
   c.sparsity.switch_epoch = -1.0
+  # After an early switch, also repack the free blocks every this many steps until the
+  # freeze, so the stored blocks (and a step's cost) follow the pruning instead of staying
+  # at the switch's density until the freeze (one re-jit each). 0: only at the freeze.
+  c.sparsity.repack_every_steps = 0
   # After the switch to block-sparse form the optimizer's moments start over; the learning
   # rate warms up again from 0 over this many epochs (0: none; sparsity.rewarmed).
   c.sparsity.switch_warmup_epochs = 0.25

@@ -264,7 +264,7 @@ def test_bad_finetune_and_pruning_settings_are_named(changes, match):
 # --------------------------------------------------------------------------- early switch
 
 
-def early(steps: int = 12):
+def early(steps: int = 12, **changes):
   """``switching()`` with cubic pruning from step 0 to the freeze at step 8 (to density
   0.2, every step) and the switch after step 2: the free blocks are pruned in steps 3-8,
   checkpoint 9 holds the repacked model."""
@@ -272,7 +272,7 @@ def early(steps: int = 12):
       "layers.rank": 2, "sparsity.freeze_epoch": 2.0, "sparsity.target_density": 0.2,
       "sparsity.finetune": "bsr", "sparsity.prune_schedule": "cubic",
       "sparsity.prune_every_steps": 1, "sparsity.switch_epoch": 0.5,
-      "checkpoint_every_steps": 3, "keep_checkpoints": 20})
+      "checkpoint_every_steps": 3, "keep_checkpoints": 20, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -353,6 +353,40 @@ def test_resuming_an_early_switch_equals_one_run(early_run, tmp_path, resume_at)
   b = helpers.copy_up_to(workdir, tmp_path / "b", resume_at)
   if resume_at < 9:  # killed before the repack was recorded
     finetune.save_switches(str(b), finetune.load_switches(str(b))[:1])
+  helpers.train(c, b)
+  chex.assert_trees_all_close(final.params, helpers.restored(c, b)[0].params, atol=1e-6)
+  assert finetune.load_switches(str(b)) == finetune.load_switches(str(workdir))
+
+
+@pytest.fixture(scope="module")
+def repacking_run(tmp_path_factory):
+  """``early()`` repacking every 2 steps: the switch at 3, repacks at 5 and 7, the freeze's
+  at 9."""
+  c, workdir = early(**{"sparsity.repack_every_steps": 2}), tmp_path_factory.mktemp("rp")
+  summary = helpers.train(c, workdir)
+  return c, workdir, summary, helpers.restored(c, workdir)[0]
+
+
+def test_repacks_between_switch_and_freeze_shrink_the_model_not_the_result(
+    early_run, repacking_run):
+  c, workdir, summary, final = repacking_run
+  switches = finetune.load_switches(str(workdir))
+  assert [s.step for s in switches] == [3, 5, 7, 9]
+  pairs = lambda s: set(zip(s.layers["fc1"]["rows"], s.layers["fc1"]["cols"]))
+  for before, after in zip(switches, switches[1:]):
+    assert pairs(after) <= pairs(before)
+  nnz = [s.layers["fc1"]["nnz"] for s in switches]
+  assert nnz == sorted(nnz, reverse=True) and nnz[0] > nnz[1] and nnz[-1] == 22
+  # Dropping pruned (zero) blocks early changes what a step costs, not what it computes.
+  assert switches[-1] == finetune.load_switches(str(early_run[1]))[-1]
+  chex.assert_trees_all_close(final.params, early_run[3].params, atol=1e-5)
+  assert summary["test/accuracy"] == pytest.approx(early_run[2]["test/accuracy"])
+
+
+def test_resuming_between_repacks_equals_one_run(repacking_run, tmp_path):
+  c, workdir, _, final = repacking_run
+  b = helpers.copy_up_to(workdir, tmp_path / "b", 6)
+  finetune.save_switches(str(b), finetune.load_switches(str(b))[:2])  # killed at step 6
   helpers.train(c, b)
   chex.assert_trees_all_close(final.params, helpers.restored(c, b)[0].params, atol=1e-6)
   assert finetune.load_switches(str(b)) == finetune.load_switches(str(workdir))
