@@ -141,14 +141,14 @@ class Static:
     k = num_kept(self.density, grid[0] * grid[1])
     if self.given is None:
       return random_mask(key, grid, k)
-    mask = np.asarray(self.given.get(name, np.zeros(0)), bool)
-    if mask.shape != tuple(grid) or not 0 < mask.sum() <= k:
+    mask = self.given.get(name)
+    if mask is None or mask.shape != tuple(grid) or not 0 < mask.sum() <= k:
+      has = "none" if mask is None else f"{mask.shape[0]}x{mask.shape[1]} with {mask.sum()}"
       raise ValueError(
           f"baseline.mask_from: layer '{name}' needs a {grid[0]}x{grid[1]} block mask with "
-          f"1 to {k} blocks (target density {self.density}); the given run has "
-          f"{'none' if mask.size == 0 else f'{mask.shape[0]}x{mask.shape[1]} with {mask.sum()}'}"
-          ". Give a run of the same model, block shapes and target density.")
-    return jnp.asarray(mask)
+          f"1 to {k} blocks (target density {self.density}); the given run has {has}. Give "
+          "a run of the same model, block shapes and target density.")
+    return jnp.asarray(mask, bool)
 
   def step(self, t, w, g, mask, block_shape, key):
     return w, mask, _no_growth(mask)

@@ -13,7 +13,7 @@ The optimizer restarts its moments for the new parameters (their count starts at
 Adam's bias correction is right) while the learning-rate schedule continues where it was
 (``continue_schedules``). The block indices are constants of the compiled step, not
 parameters: the trainer records them, with the block densities at the switch, in
-``<workdir>/bsr_finetune.json`` (``save_switches``) before it saves the first checkpoint of
+``<workdir>/bsr_finetune.json`` (``record_switch``) before it saves the first checkpoint of
 the block-sparse model, so that a resumed run and ``eval.py`` rebuild that model.
 
 **An early switch** (``sparsity.switch_epoch`` between the start of cubic pruning and the
@@ -200,6 +200,13 @@ def continue_schedules(opt_state, step: int):
 def save_switches(workdir: str, switches: list[Switch]) -> None:
   checkpoints.write_text_atomic(os.path.join(workdir, RECORD_FILE), json.dumps(
       {"switches": [dataclasses.asdict(s) for s in switches]}))
+
+
+def record_switch(workdir: str, switch: Switch) -> None:
+  """Adds ``switch`` to the record of ``workdir`` after the switches before its step (a
+  resumed run replaces those it recorded from that step on)."""
+  earlier = [s for s in load_switches(workdir) if s.step < switch.step]
+  save_switches(workdir, earlier + [switch])
 
 
 def load_switches(workdir: str) -> list[Switch]:

@@ -536,7 +536,7 @@ def _switcher(config, workdir: str, build: Callable[..., Program]) -> Transition
     opt_state = finetune.continue_schedules(program.tx.init(new_params), record.step)
     state = program.steps.put_state(state.replace(params=new_params, opt_state=opt_state))
     if jax.process_index() == 0:
-      finetune.save_switches(workdir, [record])
+      finetune.record_switch(workdir, record)
       if config.plots:
         plots.plot_masks(params, os.path.join(workdir, "masks.png"))
       tqdm.write(f"step {record.step}: fine-tuning the kept blocks in block-sparse form ("
@@ -560,8 +560,7 @@ def _repacker(config, workdir: str, build: Callable[..., Program], last: bool) -
     repacked = build(config, record)
     state = repacked.steps.put_state(state.replace(params=params, opt_state=opt_state))
     if jax.process_index() == 0:
-      earlier = [s for s in finetune.load_switches(workdir) if s.step < record.step]
-      finetune.save_switches(workdir, earlier + [record])
+      finetune.record_switch(workdir, record)
       kept = sum(v["nnz"] for v in record.layers.values())
       tqdm.write(f"step {record.step}: the pruning is done; the model keeps {kept} blocks"
                  if last else f"step {record.step}: repacked to the {kept} blocks kept so far")

@@ -12,8 +12,8 @@ import optax
 import pytest
 import tensorflow_datasets as tfds
 
-from bsparse import (baselines, checkpoints, data, export, finetune, metric_writers, report, sparsity,
-                     train_lib, validate)
+from bsparse import (baselines, checkpoints, data, export, finetune, metric_writers, report,
+                     sparsity, train_lib, validate)
 from benchmarks import train_step
 from tests import helpers
 
