@@ -102,6 +102,12 @@ _SWITCHES = flags.DEFINE_list(
     "bsparse/finetune.py) as fractions of the run. When given, the KPD rows are the +bsr "
     "cubic ones, a row each per fraction (label suffix ', switch at <fraction>'); each must "
     "lie at or after the penalty's start (1/12) and before every freeze fraction.")
+_REPACKS = flags.DEFINE_list(
+    "repack_steps", [], "With --switch_fractions: repack the free blocks every N steps "
+    "between the switch and the freeze (sparsity.repack_every_steps), a row each per switch "
+    "fraction and N; label suffix ', repacks every <N> steps'. 0 or empty: no repacks.")
+flags.register_validator("repack_steps", lambda v: all(n.isdigit() for n in v),
+                         "--repack_steps takes whole numbers of steps >= 0, e.g. 0,100.")
 _METHODS = flags.DEFINE_list("methods", list(("group_lasso", "gradual", "set", "rigl",
                                               "static")), "Baselines to run beside KPD.")
 _SWEEP = flags.DEFINE_bool("sweep", True, "Also run the block-size sweep and the selection.")
@@ -167,9 +173,10 @@ def schedule(epochs: float) -> dict[str, float]:
 def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
          sweep_density: float, finetunes=("kpd",), prunes=("once",),
          factor_lr_scales=(1.0,), freezes=(KPD_FREEZE,), lams=(None,),
-         penalties=("l1",), switches=(None,)) -> list[Run]:
+         penalties=("l1",), switches=(None,), repacks=(0,)) -> list[Run]:
   """Every run of the study. KPD gets a row per combination of its settings; an early
-  switch (a fraction in ``switches``; None: none) applies to ``+bsr cubic`` rows only."""
+  switch (a fraction in ``switches``; None: none) applies to ``+bsr cubic`` rows only, and
+  repacks (every ``N`` steps in ``repacks``; 0: none) to early switches only."""
   runs = []
   sch = schedule(epochs)
   kpd_sch = {k: v for k, v in sch.items()
@@ -180,9 +187,10 @@ def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
       base = common + (("seed", seed),)
       runs.append(Run(model, "dense", "dense", 1.0, seed, base + (("method", "dense"),)))
       for d in densities:
-        for r, f, p, k, z, lam, pen, w in itertools.product(
-            ranks, finetunes, prunes, factor_lr_scales, freezes, lams, penalties, switches):
-          if w is not None and (f, p) != ("bsr", "cubic"):
+        for r, f, p, k, z, lam, pen, w, n in itertools.product(
+            ranks, finetunes, prunes, factor_lr_scales, freezes, lams, penalties, switches,
+            repacks):
+          if (w is not None and (f, p) != ("bsr", "cubic")) or (n and w is None):
             continue
           # (label suffix, overrides) per setting; the suffix is empty at the default.
           parts = [
@@ -199,7 +207,9 @@ def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
               (", trimmed L1", (("sparsity.penalty", pen),)) if pen == "trimmed"
               else ("", ()),
               (f", switch at {w}", (("sparsity.switch_epoch", epochs * w.numerator /
-                                     w.denominator),)) if w is not None else ("", ())]
+                                     w.denominator),)) if w is not None else ("", ()),
+              (f", repacks every {n} steps", (("sparsity.repack_every_steps", n),))
+              if n else ("", ())]
           runs.append(Run(model, "".join(label for label, _ in parts), "kpd", d, seed,
                           base + tuple(o for _, overrides in parts for o in overrides)))
         for m in methods:
@@ -211,9 +221,13 @@ def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
   return runs
 
 
-def check_switches(switches, freezes, finetunes, prunes) -> None:
-  """Raises ``app.UsageError`` naming the fix where ``--switch_fractions`` cannot apply."""
+def check_switches(switches, freezes, finetunes, prunes, repacks=()) -> None:
+  """Raises ``app.UsageError`` naming the fix where ``--switch_fractions`` or
+  ``--repack_steps`` cannot apply."""
   if not switches:
+    if any(repacks):
+      raise app.UsageError("--repack_steps repacks after an early switch: add "
+                           "--switch_fractions.")
     return
   if "bsr" not in finetunes or "cubic" not in prunes:
     raise app.UsageError("--switch_fractions applies to +bsr cubic KPD rows: add bsr to "
@@ -820,13 +834,14 @@ def main(argv):
     return
   switches = [fractions.Fraction(w) for w in _SWITCHES.value]
   freezes = [fractions.Fraction(z) for z in _FREEZES.value]
-  check_switches(switches, freezes, _FINETUNE.value, _PRUNE.value)
+  repacks = [int(n) for n in _REPACKS.value]
+  check_switches(switches, freezes, _FINETUNE.value, _PRUNE.value, repacks)
   runs = plan(_MODELS.value, [float(d) for d in _DENSITIES.value],
               [int(s) for s in _SEEDS.value], ranks, _METHODS.value, _EPOCHS.value,
               _SWEEP.value, _SWEEP_DENSITY.value, _FINETUNE.value, _PRUNE.value,
               [float(k) for k in _FACTOR_LR.value],
               freezes, [float(v) for v in _LAMS.value] or [None], _PENALTIES.value,
-              switches or [None])
+              switches or [None], repacks or [0])
   unique = list({r.name: r for r in runs}.values())
   print(f"{len(unique)} runs in {out}")
   for i, run in enumerate(unique):

@@ -113,6 +113,20 @@ def test_plan_has_an_early_switch_row_per_fraction_for_bsr_cubic_rows_only():
   assert "sparsity.switch_epoch" not in kpd["kpd r4 +bsr cubic"]
 
 
+def test_plan_has_a_repacking_row_per_switch_and_interval():
+  quarter = fractions.Fraction(1, 4)
+  runs = study.plan(["cnn"], [0.1], [0], [4], [], 6.0, False, 0.25, finetunes=("bsr",),
+                    prunes=("cubic",), switches=(None, quarter), repacks=(0, 100))
+  kpd = {r.label: dict(r.overrides) for r in runs if r.method == "kpd"}
+  # Repacks follow an early switch only: no ', repacks' row without one.
+  assert set(kpd) == {"kpd r4 +bsr cubic", "kpd r4 +bsr cubic, switch at 1/4",
+                      "kpd r4 +bsr cubic, switch at 1/4, repacks every 100 steps"}
+  repacking = kpd["kpd r4 +bsr cubic, switch at 1/4, repacks every 100 steps"]
+  assert repacking["sparsity.repack_every_steps"] == 100
+  assert repacking["sparsity.switch_epoch"] == 1.5
+  assert "sparsity.repack_every_steps" not in kpd["kpd r4 +bsr cubic, switch at 1/4"]
+
+
 def test_switch_fractions_that_cannot_apply_are_refused_with_the_fix():
   third, quarter = fractions.Fraction(1, 3), fractions.Fraction(1, 4)
   study.check_switches([], [third], ["kpd"], ["once"])  # no switch: nothing to check
@@ -124,6 +138,9 @@ def test_switch_fractions_that_cannot_apply_are_refused_with_the_fix():
                          ["bsr"], ["cubic"])
   with pytest.raises(app.UsageError, match="--switch_fractions=1/24"):
     study.check_switches([fractions.Fraction(1, 24)], [third], ["bsr"], ["cubic"])
+  study.check_switches([], [third], ["bsr"], ["cubic"], [0])  # 0: no repacks
+  with pytest.raises(app.UsageError, match="add --switch_fractions"):
+    study.check_switches([], [third], ["bsr"], ["cubic"], [0, 100])
 
 
 def test_study_measures_an_early_switch_row(tmp_path, study_flags):
