@@ -205,7 +205,8 @@ def _fake_study(out, lr, runs, epochs=6.0):
     entries[name] = {"run": name, "model": "mlp", "label": label, "target": 1.0 if label ==
                      "dense" else 0.1, "method": label.split()[0], "seed": seed,
                      "accuracy": test, "density": 0.1, "flops": 10.0 if dense else 1.0,
-                     "step_ms": 2.0, "state_mb": 1.0, "step_mb": 2.0,
+                     "step_ms": 2.0, "wall_s": 100.0 if dense else 90.0,
+                     "state_mb": 1.0, "step_mb": 2.0,
                      "rss_mb": 600.0 if dense else 500.0,
                      "epochs": epochs}
   (out / "study.json").write_text(json.dumps(
@@ -243,6 +244,8 @@ def test_results_report_each_method_at_its_chosen_rate(tmp_path):
   assert "| kpd r4 at density 0.1: training FLOPs ≤ 0.3x gradual | 0.10x | met |" in text
   # The fake runs all take 2 ms a step: not below gradual.
   assert "0.1: step time below gradual | 2.00 ms vs 2.00 ms | **missed** |" in text
+  assert "0.1: wall time below gradual | 90 s vs 100 s | met |" in text
+  assert "| kpd r4 | 0.1 | 1 | 89.50 | 0.100 | 0.000 | 0.10 | 2.00 | 90 |" in text
   assert "0.1: peak RSS below gradual | 500 MB vs 600 MB | met |" in text
   assert os.path.exists(tmp_path / "plots" / "mlp_6ep_accuracy_tuned_lr.png")
 
