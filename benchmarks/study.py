@@ -619,8 +619,8 @@ def targets(results, model, rank_label: str) -> list[tuple[str, str, bool]]:
              acc(kpd) >= acc(g)),
             (f"{who}: training FLOPs ≤ 0.3x {other}", f"{flops:.2f}x", flops <= 0.3),
             (f"{who}: step time below {other}", *pair("step_ms", "{:.2f} ms")),
-            # The median step hides slower phases (an early switch's dense-size blocks):
-            # the whole run's wall time shows them.
+            # The median step hides slower phases (an early switch's high-density
+            # block-sparse steps, its repacks' compiles): the run's wall time shows them.
             (f"{who}: wall time below {other}", *pair("wall_s", "{:.0f} s")),
             (f"{who}: step memory below {other}", *pair("step_mb", "{:.1f} MB"))]
     if all(r["rss_mb"] is not None for r in kpd + g):
