@@ -418,7 +418,7 @@ def step_memory(program, state, config, image_shape) -> dict[str, float]:
   """State bytes and XLA's memory account of the compiled train step, in MB."""
   batch = {"image": np.zeros((config.batch_size, *image_shape), np.float32),
            "label": np.zeros((config.batch_size,), np.int32)}
-  compiled = program.steps.train.lower(state, program.steps.put_batch(batch)).compile()
+  compiled = program.steps.lower_train(state, program.steps.put_batch(batch)).compile()
   mem = compiled.memory_analysis()
   state_bytes = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
   return {"state_mb": state_bytes / 2**20,

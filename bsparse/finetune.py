@@ -24,7 +24,10 @@ trained freely, as in gradual pruning of a dense model, at a fraction of its cos
 the freeze step ``repack`` keeps only the surviving blocks (the optimizer's moments of
 those blocks go on); the record then lists both switches. Until then a step computes
 every stored block, pruned or not; with ``sparsity.repack_every_steps`` the model is also
-repacked every that many steps in between, and the record lists every repack.
+repacked every that many steps in between, and the record lists every repack. Those
+repacks keep the switch's block budget: the kept blocks become the first ``nnz`` entries
+and the rest is padding, which the kernels skip, so the compiled steps go on with the
+new indices (an operand of the steps, ``train_lib.Steps``) instead of being built again.
 """
 from __future__ import annotations
 
@@ -79,7 +82,8 @@ class Switch:
   """The block-sparse model a run trains from checkpoint ``step`` on.
 
   ``layers``: ``{layer path 'a/b': {'block_shape', 'kernel_size', 'rows', 'cols', 'nnz',
-  'grid'}}`` (row-sorted block indices, as ``kernels.bsr``; ``grid`` ``(m1, n1)``, absent
+  'grid'}}`` (row-sorted block indices, as ``kernels.bsr``: the first ``nnz`` are stored
+  blocks, the rest of the budget ``len(rows)`` padding; ``grid`` ``(m1, n1)``, absent
   from records written before it was); ``scalars``: the block densities at the switch,
   which a fixed mask keeps for the rest of the run.
   """
@@ -88,8 +92,9 @@ class Switch:
   scalars: dict[str, float]
 
   def specs(self) -> dict[str, convert.LayerSpec]:
-    """``{layer: LayerSpec}`` for ``LayerFactory(kind='bsr')``; the budget is exactly the
-    blocks kept, at least one."""
+    """``{layer: LayerSpec}`` for ``LayerFactory(kind='bsr')``; the budget is
+    ``len(rows)``: the blocks kept at the switch (at least one), or a repack's padded
+    budget."""
     return {k: convert.LayerSpec(tuple(v["block_shape"]), len(v["rows"]),
                                  tuple(v["kernel_size"]) if v["kernel_size"] else None)
             for k, v in self.layers.items()}
@@ -128,26 +133,39 @@ def switch_from_params(params, step: int) -> tuple[Switch, dict[str, Any]]:
   return Switch(step, layers, scalars), converted["params"]
 
 
-def repack(switch: Switch, params, opt_state, step: int) -> tuple[Switch, Any, Any]:
-  """After the pruning of an early switch: the switch to the model that stores only the
+def repack(switch: Switch, params, opt_state, step: int, keep_budget: bool = False
+           ) -> tuple[Switch, Any, Any]:
+  """After the pruning of an early switch: the switch to the model that computes only the
   blocks the pruning kept (``sparsity.block_sparsity``'s ``'<layer>/blocks'`` masks), its
   params, and ``opt_state`` with the same blocks kept in every per-block entry (the
-  optimizer's moments go on). Host arrays in, host arrays out."""
+  optimizer's moments go on). Host arrays in, host arrays out.
+
+  The kept blocks keep their order (row-sorted) and become the first ``nnz`` entries.
+  With ``keep_budget`` every layer keeps its block budget ``len(rows)``: the entries after
+  them are padding (zero blocks, moments and masks; indices of the grid's last block, as
+  ``kernels.bsr``), so no array changes shape and the compiled steps can go on; otherwise
+  the budget shrinks to the kept blocks (at least one).
+  """
   masks = sparsity.sparsity_state(opt_state).masks
   keep, layers = {}, {}
   for name, layer in switch.layers.items():
     kept = np.flatnonzero(np.asarray(masks[f"{name}/blocks"])[:layer["nnz"]])
-    keep[name] = kept if kept.size else np.zeros(1, int)  # a budget of at least 1 block
+    budget = len(layer["rows"]) if keep_budget else max(kept.size, 1)
+    keep[name] = (kept, budget)
+    (m1, n1), pad = layer["grid"], budget - kept.size
     layers[name] = {**layer, "nnz": int(kept.size),
-                    "rows": [layer["rows"][i] for i in keep[name]],
-                    "cols": [layer["cols"][i] for i in keep[name]]}
+                    "rows": [layer["rows"][i] for i in kept] + [m1 - 1] * pad,
+                    "cols": [layer["cols"][i] for i in kept] + [n1 - 1] * pad}
   by_path = {(*name.split("/"), "blocks"): idx for name, idx in keep.items()}
 
   def cut(path, leaf):
     names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-    for tail, idx in by_path.items():
+    for tail, (kept, budget) in by_path.items():
       if names[-len(tail):] == tail or (names and names[-1] == "/".join(tail)):
-        return np.asarray(leaf)[idx]
+        leaf = np.asarray(leaf)
+        out = np.zeros((budget, *leaf.shape[1:]), leaf.dtype)
+        out[:kept.size] = leaf[kept]
+        return out
     return leaf
 
   new = Switch(step, layers, _scalars(switch.scalars, layers))

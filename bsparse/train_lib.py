@@ -3,6 +3,7 @@ resumes from its checkpoints, stops cleanly on SIGTERM/SIGINT and on NaN/Inf."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -156,7 +157,13 @@ def eval_step(state: TrainState, batch, *, model: nn.Module, num_classes: int,
 
 class Steps:
   """The jitted train and eval steps with their shardings over ``mesh``; block-sparse
-  kernels in them work on each device's part of the batch (``kernels.split_batch``)."""
+  kernels in them work on each device's part of the batch (``kernels.split_batch``).
+
+  ``consts`` (the block indices of a block-sparse model) are an operand of both programs,
+  not constants compiled into them: ``with_consts`` gives the steps of the same model
+  with other indices of the same shapes (a repack within the block budget) without
+  building new programs.
+  """
 
   def __init__(self, model, tx, num_classes: int, mesh, label_smoothing: float = 0.0,
                nan_policy: str = "stop", consts: dict | None = None,
@@ -166,23 +173,40 @@ class Steps:
     self.batch_sharding = NamedSharding(mesh, P("data"))
 
     def on_rows(step):  # traced with the block-sparse products split by batch rows
-      def traced(s, b):
+      def traced(s, b, c):
         with kernels.split_batch(mesh, "data"):
-          return step(s, b)
+          return step(s, b, consts=c)
+      traced.__name__ = traced.__qualname__ = step.func.__name__  # names the program
       return traced
 
-    self.train = jax.jit(
+    self.train_program = jax.jit(
         on_rows(functools.partial(train_step, model=model, tx=tx, num_classes=num_classes,
                                   label_smoothing=label_smoothing,
-                                  skip_nonfinite=nan_policy == "skip", consts=consts)),
-        in_shardings=(self.replicated, self.batch_sharding),
+                                  skip_nonfinite=nan_policy == "skip")),
+        in_shardings=(self.replicated, self.batch_sharding, self.replicated),
         out_shardings=(self.replicated, self.replicated), donate_argnums=0,
         compiler_options=compiler_options)
-    self.eval = jax.jit(
-        on_rows(functools.partial(eval_step, model=model, num_classes=num_classes,
-                                  consts=consts)),
-        in_shardings=(self.replicated, self.batch_sharding), out_shardings=self.replicated,
-        compiler_options=compiler_options)
+    self.eval_program = jax.jit(
+        on_rows(functools.partial(eval_step, model=model, num_classes=num_classes)),
+        in_shardings=(self.replicated, self.batch_sharding, self.replicated),
+        out_shardings=self.replicated, compiler_options=compiler_options)
+    self.consts = jax.device_put(consts or {}, self.replicated)
+
+  def train(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    return self.train_program(state, batch, self.consts)
+
+  def eval(self, state: TrainState, batch) -> dict:
+    return self.eval_program(state, batch, self.consts)
+
+  def lower_train(self, state: TrainState, batch):
+    """The train program lowered for ``state`` and ``batch`` (``.compile()`` it)."""
+    return self.train_program.lower(state, batch, self.consts)
+
+  def with_consts(self, consts: dict) -> "Steps":
+    """These steps (the same compiled programs) with ``consts`` of the same shapes."""
+    new = copy.copy(self)
+    new.consts = jax.device_put(consts, self.replicated)
+    return new
 
   def put_batch(self, local_batch: dict) -> dict:
     """Assembles each process's slice into one global batch sharded over ``data``."""
@@ -203,7 +227,11 @@ class Program:
   schedules: tuple[Any, Any]  # (lr, lam): step -> value
   steps: Steps
   switch: finetune.Switch | None = None
-  consts: dict = dataclasses.field(default_factory=dict)  # block indices after the switch
+
+  @property
+  def consts(self) -> dict:
+    """The block indices after the switch (``finetune.Switch.index``); empty before it."""
+    return self.steps.consts
 
   def variables(self, state: TrainState) -> dict:
     """The ``variables`` argument of ``self.model.apply`` for ``state``."""
@@ -238,7 +266,7 @@ def build_program(config, num_classes: int, steps_per_epoch: int, total: int,
   consts = switch.index() if switch is not None else {}
   steps = Steps(model, tx, num_classes, mesh, config.label_smoothing, config.nan_policy,
                 consts, compiler_options(config, mesh))
-  return Program(model, tx, (lr_fn, lam_fn), steps, switch, consts)
+  return Program(model, tx, (lr_fn, lam_fn), steps, switch)
 
 
 def without_terms(state: TrainState, dead: list[tuple[str, ...]]) -> TrainState:
@@ -435,8 +463,8 @@ def _train(config, program: Program, state: TrainState, datasets: data_lib.Datas
   program that runs it.
 
   After a step ``t`` in ``transitions`` it calls ``transitions[t]`` (drop the losing
-  block-size candidates, switch to block-sparse form, or repack it; one re-jit) and saves a
-  checkpoint of the new model.
+  block-size candidates, switch to block-sparse form, or repack it; a re-jit unless a
+  repack stays within the block budget) and saves a checkpoint of the new model.
   Raises NonFiniteError (``nan_policy='stop'``) before logging, evaluating, selecting or
   saving past a step with a NaN/Inf, and Interrupted after saving on SIGTERM/SIGINT.
   """
@@ -452,15 +480,15 @@ def _train(config, program: Program, state: TrainState, datasets: data_lib.Datas
   show_warnings, emptied = jax.process_index() == 0, set()
   with tqdm(total=total, initial=start, disable=not show, unit="step", dynamic_ncols=True,
             mininterval=1.0) as bar, StopRequest() as stop:
-    compiled = None  # the steps whose train program has been built
+    compiled = None  # the train program that has been built
     for done in range(start + 1, total + 1):
       steps = program.steps
-      first = steps is not compiled
+      first = steps.train_program is not compiled
       if first:  # a new program: what earlier ones compiled is dead
         memory.forget_programs()
       state, metrics = steps.train(state, steps.put_batch(next(batches)))
       if first:  # that call built it: return the compiler's memory
-        compiled = steps
+        compiled = steps.train_program
         memory.release_freed()
       window.append(metrics)
       last, stopping = done == total, stop.requested(manager, done)
@@ -470,8 +498,7 @@ def _train(config, program: Program, state: TrainState, datasets: data_lib.Datas
       save = done % config.checkpoint_every_steps == 0 or last or stopping or changing
       if config.nan_policy == "stop" and (log or validate_now or save):
         _check_finite(window, done, manager)
-      if changing:  # the old program is done: the new one starts from a trimmed heap
-        memory.forget_programs()
+      if changing:
         state, program = transitions[done](state, program)
         steps = program.steps
       if log:
@@ -504,6 +531,7 @@ def _selector(config, workdir: str, build: Callable[..., Program]) -> Transition
   ``workdir`` (before the checkpoint without them is saved)."""
 
   def select(state: TrainState, _: Program) -> tuple[TrainState, Program]:
+    memory.forget_programs()  # the old program is done: the new one starts from a trimmed heap
     state = without_terms(state, selection.dead_terms(state.opt_state))
     choice = selection.choice_from_params(config, state.params, int(state.step))
     program = build(selection.with_choice(config, choice))
@@ -530,6 +558,7 @@ def _switcher(config, workdir: str, build: Callable[..., Program]) -> Transition
   the new model is saved)."""
 
   def switch(state: TrainState, _: Program) -> tuple[TrainState, Program]:
+    memory.forget_programs()
     params = jax.device_get(state.params)
     record, new_params = finetune.switch_from_params(params, int(state.step))
     program = build(config, record)
@@ -550,14 +579,22 @@ def _switcher(config, workdir: str, build: Callable[..., Program]) -> Transition
 
 def _repacker(config, workdir: str, build: Callable[..., Program], last: bool) -> Transition:
   """In a run that switched early, keeps only the blocks its pruning left so far
-  (``finetune.repack``; ``last``: at the freeze, the pruning is done) and adds that switch
-  to the record in ``workdir``."""
+  (``finetune.repack``) and adds that switch to the record in ``workdir``. Before the
+  freeze the kept blocks move to the front of the switch's block budget and the compiled
+  steps go on with the new indices; at the freeze (``last``: the pruning is done) the
+  model shrinks to exactly the kept blocks, one re-jit."""
 
   def repack(state: TrainState, program: Program) -> tuple[TrainState, Program]:
+    if last:
+      memory.forget_programs()
     record, params, opt_state = finetune.repack(
         program.switch, jax.device_get(state.params), jax.device_get(state.opt_state),
-        int(state.step))
-    repacked = build(config, record)
+        int(state.step), keep_budget=not last)
+    if last:
+      repacked = build(config, record)
+    else:
+      repacked = dataclasses.replace(program, switch=record,
+                                     steps=program.steps.with_consts(record.index()))
     state = repacked.steps.put_state(state.replace(params=params, opt_state=opt_state))
     if jax.process_index() == 0:
       finetune.record_switch(workdir, record)

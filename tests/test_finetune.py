@@ -2,6 +2,7 @@
 the switch keeps the function, the loop trains free blocks on, resumes on either side of
 the switch, and eval / export / the report read the block-sparse model; an early switch
 prunes the free blocks on to the target and repacks them."""
+import contextlib
 import os
 
 import chex
@@ -80,7 +81,7 @@ def test_sharded_block_sparse_step_equals_single_device():
     results.append(jax.device_get(state.params))
   chex.assert_trees_all_close(results[0], results[1], rtol=1e-4, atol=1e-5)
   # The kernels see each device's 2 images: no device gathers the batch.
-  hlo = steps.train.lower(state, steps.put_batch(batches[0])).compile().as_text()
+  hlo = steps.lower_train(state, steps.put_batch(batches[0])).compile().as_text()
   assert "all-gather" not in hlo
 
 
@@ -327,24 +328,31 @@ def test_static_trains_the_blocks_the_early_switch_kept(early_run, tmp_path):
   assert summary["density/fc1"] == pytest.approx(22 / 112)
 
 
-def test_the_repack_keeps_the_function_and_the_moments(early_run, tmp_path):
+@pytest.mark.parametrize("keep_budget", [False, True])
+def test_the_repack_keeps_the_function_and_the_moments(early_run, tmp_path, keep_budget):
   c, workdir, _, _ = early_run
   first, _ = finetune.load_switches(str(workdir))
   state, program = helpers.restored(c, helpers.copy_up_to(workdir, tmp_path / "at6", 6))
   state = jax.device_get(state)
-  second, params, opt_state = finetune.repack(first, state.params, state.opt_state, 6)
+  second, params, opt_state = finetune.repack(first, state.params, state.opt_state, 6,
+                                              keep_budget)
   x = jax.random.normal(jax.random.key(0), (3, 28, 28, 1))
   repacked = train_lib.build_model(c, 10, second)
   np.testing.assert_allclose(
       repacked.apply({"params": params, **second.index()}, x),
       program.model.apply(program.variables(state), x), rtol=1e-5, atol=1e-5)
+  nnz, budget = second.layers["fc1"]["nnz"], len(first.layers["fc1"]["rows"])
   pairs = lambda layer: list(zip(layer["rows"], layer["cols"]))
-  kept = pairs(first.layers["fc1"]).index(pairs(second.layers["fc1"])[-1])
+  kept = pairs(first.layers["fc1"]).index(pairs(second.layers["fc1"])[nnz - 1])
   mu = lambda s: next(l for l in jax.tree.leaves(s, is_leaf=lambda l: isinstance(
       l, optax.ScaleByAdamState)) if isinstance(l, optax.ScaleByAdamState)).mu
   old, new = mu(state.opt_state)["fc1"]["blocks"], mu(opt_state)["fc1"]["blocks"]
-  assert new.shape[0] == second.layers["fc1"]["nnz"]
-  np.testing.assert_array_equal(new[-1], old[kept])
+  np.testing.assert_array_equal(new[nnz - 1], old[kept])
+  # Within the budget nothing changes shape; the entries after the kept blocks are padding.
+  assert new.shape[0] == len(second.layers["fc1"]["rows"]) == (budget if keep_budget else nnz)
+  masks = sparsity.sparsity_state(opt_state).masks["fc1/blocks"]
+  assert masks.shape == new.shape[:1] and masks[:nnz].all() and not masks[nnz:].any()
+  assert not np.any(new[nnz:]) and not np.any(params["fc1"]["blocks"][nnz:])
 
 
 @pytest.mark.parametrize("resume_at", [6, 9])  # between the switches, after the repack
@@ -358,25 +366,50 @@ def test_resuming_an_early_switch_equals_one_run(early_run, tmp_path, resume_at)
   assert finetune.load_switches(str(b)) == finetune.load_switches(str(workdir))
 
 
+@contextlib.contextmanager
+def train_step_builds():
+  """Counts the train programs XLA builds in the block (a list, filled as they are)."""
+  built = []
+
+  def listen(event, duration, fun_name="", **_):
+    del duration
+    if event == "/jax/core/compile/backend_compile_duration" and fun_name == "jit(train_step)":
+      built.append(fun_name)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield built
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
 @pytest.fixture(scope="module")
 def repacking_run(tmp_path_factory):
   """``early()`` repacking every 2 steps: the switch at 3, repacks at 5 and 7, the freeze's
-  at 9."""
+  at 9; also the number of train programs it built."""
   c, workdir = early(**{"sparsity.repack_every_steps": 2}), tmp_path_factory.mktemp("rp")
-  summary = helpers.train(c, workdir)
-  return c, workdir, summary, helpers.restored(c, workdir)[0]
+  with train_step_builds() as built:
+    summary = helpers.train(c, workdir)
+  return c, workdir, summary, helpers.restored(c, workdir)[0], len(built)
 
 
 def test_repacks_between_switch_and_freeze_shrink_the_model_not_the_result(
     early_run, repacking_run):
-  c, workdir, summary, final = repacking_run
+  c, workdir, summary, final, builds = repacking_run
   switches = finetune.load_switches(str(workdir))
   assert [s.step for s in switches] == [3, 5, 7, 9]
-  pairs = lambda s: set(zip(s.layers["fc1"]["rows"], s.layers["fc1"]["cols"]))
+  stored = lambda s: set(zip(s.layers["fc1"]["rows"][:s.layers["fc1"]["nnz"]],
+                             s.layers["fc1"]["cols"][:s.layers["fc1"]["nnz"]]))
   for before, after in zip(switches, switches[1:]):
-    assert pairs(after) <= pairs(before)
+    assert stored(after) <= stored(before)
   nnz = [s.layers["fc1"]["nnz"] for s in switches]
   assert nnz == sorted(nnz, reverse=True) and nnz[0] > nnz[1] and nnz[-1] == 22
+  # The repacks before the freeze keep the switch's budget (padding after the kept
+  # blocks), so the train program built at the switch goes on: three builds in all, the
+  # KPD model's, the switch's and the freeze's.
+  budgets = [len(s.layers["fc1"]["rows"]) for s in switches]
+  assert budgets == [nnz[0]] * 3 + [22]
+  assert builds == 3
   # Dropping pruned (zero) blocks early changes what a step costs, not what it computes.
   assert switches[-1] == finetune.load_switches(str(early_run[1]))[-1]
   chex.assert_trees_all_close(final.params, early_run[3].params, atol=1e-5)
@@ -384,7 +417,7 @@ def test_repacks_between_switch_and_freeze_shrink_the_model_not_the_result(
 
 
 def test_resuming_between_repacks_equals_one_run(repacking_run, tmp_path):
-  c, workdir, _, final = repacking_run
+  c, workdir, _, final, _ = repacking_run
   b = helpers.copy_up_to(workdir, tmp_path / "b", 6)
   finetune.save_switches(str(b), finetune.load_switches(str(b))[:2])  # killed at step 6
   helpers.train(c, b)

@@ -100,7 +100,7 @@ def test_cpu_fusion_emitters_off_compiles_another_program_with_the_same_result()
     state = program.steps.put_state(train_lib.create_state(
         train_lib.init_variables(program.model, (28, 28, 1), 0), program.tx))
     b = program.steps.put_batch(batch)
-    texts.append(program.steps.train.lower(state, b).compile().as_text())
+    texts.append(program.steps.lower_train(state, b).compile().as_text())
     for _ in range(2):
       state, _ = program.steps.train(state, b)
     params.append(jax.device_get(state.params))
