@@ -596,6 +596,7 @@ def _repacker(config, workdir: str, build: Callable[..., Program], last: bool) -
       repacked = dataclasses.replace(program, switch=record,
                                      steps=program.steps.with_consts(record.index()))
     state = repacked.steps.put_state(state.replace(params=params, opt_state=opt_state))
+    memory.release_freed()  # the host copies of the state
     if jax.process_index() == 0:
       finetune.record_switch(workdir, record)
       kept = sum(v["nnz"] for v in record.layers.values())
