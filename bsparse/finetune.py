@@ -25,9 +25,12 @@ the freeze step ``repack`` keeps only the surviving blocks (the optimizer's mome
 those blocks go on); the record then lists both switches. Until then a step computes
 every stored block, pruned or not; with ``sparsity.repack_every_steps`` the model is also
 repacked every that many steps in between, and the record lists every repack. Those
-repacks keep the switch's block budget: the kept blocks become the first ``nnz`` entries
-and the rest is padding, which the kernels skip, so the compiled steps go on with the
-new indices (an operand of the steps, ``train_lib.Steps``) instead of being built again.
+repacks keep the block budget while every layer keeps more than half of it (``shrinks``):
+the kept blocks become the first ``nnz`` entries and the rest is padding, which the
+kernels skip, so the compiled steps go on with the new indices (an operand of the steps,
+``train_lib.Steps``) instead of being built again. Otherwise the budget shrinks to the
+kept blocks, so the stored blocks, their moments and the step's buffers follow the
+pruning at most a factor of two behind.
 """
 from __future__ import annotations
 
@@ -171,6 +174,15 @@ def repack(switch: Switch, params, opt_state, step: int, keep_budget: bool = Fal
   new = Switch(step, layers, _scalars(switch.scalars, layers))
   return new, jax.tree_util.tree_map_with_path(cut, params), \
       jax.tree_util.tree_map_with_path(cut, opt_state)
+
+
+def shrinks(switch: Switch, opt_state) -> bool:
+  """Whether a repack before the freeze should shrink the block budget (and build new
+  steps) rather than keep it: some layer keeps at most half of its budget. Between
+  shrinks a step holds at most twice the blocks it computes."""
+  masks = sparsity.sparsity_state(opt_state).masks
+  return any(2 * int(np.sum(np.asarray(masks[f"{name}/blocks"])[:layer["nnz"]]))
+             <= len(layer["rows"]) for name, layer in switch.layers.items())
 
 
 def _scalars(scalars: dict[str, float], layers: dict[str, dict]) -> dict[str, float]:

@@ -580,17 +580,20 @@ def _switcher(config, workdir: str, build: Callable[..., Program]) -> Transition
 def _repacker(config, workdir: str, build: Callable[..., Program], last: bool) -> Transition:
   """In a run that switched early, keeps only the blocks its pruning left so far
   (``finetune.repack``) and adds that switch to the record in ``workdir``. Before the
-  freeze the kept blocks move to the front of the switch's block budget and the compiled
-  steps go on with the new indices; at the freeze (``last``: the pruning is done) the
-  model shrinks to exactly the kept blocks, one re-jit."""
+  freeze the kept blocks move to the front of the block budget and the compiled steps go
+  on with the new indices, unless the budget is worth shrinking (``finetune.shrinks``);
+  at the freeze (``last``: the pruning is done) the model shrinks to exactly the kept
+  blocks. Each shrink builds new steps."""
 
   def repack(state: TrainState, program: Program) -> tuple[TrainState, Program]:
-    if last:
+    opt_state = jax.device_get(state.opt_state)
+    shrink = last or finetune.shrinks(program.switch, opt_state)
+    if shrink:
       memory.forget_programs()
     record, params, opt_state = finetune.repack(
-        program.switch, jax.device_get(state.params), jax.device_get(state.opt_state),
-        int(state.step), keep_budget=not last)
-    if last:
+        program.switch, jax.device_get(state.params), opt_state, int(state.step),
+        keep_budget=not shrink)
+    if shrink:
       repacked = build(config, record)
     else:
       repacked = dataclasses.replace(program, switch=record,
