@@ -149,10 +149,9 @@ def repack(switch: Switch, params, opt_state, step: int, keep_budget: bool = Fal
   ``kernels.bsr``), so no array changes shape and the compiled steps can go on; otherwise
   the budget shrinks to the kept blocks (at least one).
   """
-  masks = sparsity.sparsity_state(opt_state).masks
   keep, layers = {}, {}
-  for name, layer in switch.layers.items():
-    kept = np.flatnonzero(np.asarray(masks[f"{name}/blocks"])[:layer["nnz"]])
+  for name, kept in _kept(switch, sparsity.sparsity_state(opt_state).masks).items():
+    layer = switch.layers[name]
     budget = len(layer["rows"]) if keep_budget else max(kept.size, 1)
     keep[name] = (kept, budget)
     (m1, n1), pad = layer["grid"], budget - kept.size
@@ -180,9 +179,16 @@ def shrinks(switch: Switch, opt_state) -> bool:
   """Whether a repack before the freeze should shrink the block budget (and build new
   steps) rather than keep it: some layer keeps at most half of its budget. Between
   shrinks a step holds at most twice the blocks it computes."""
-  masks = sparsity.sparsity_state(opt_state).masks
-  return any(2 * int(np.sum(np.asarray(masks[f"{name}/blocks"])[:layer["nnz"]]))
-             <= len(layer["rows"]) for name, layer in switch.layers.items())
+  kept = _kept(switch, sparsity.sparsity_state(opt_state).masks)
+  return any(2 * kept[name].size <= len(layer["rows"])
+             for name, layer in switch.layers.items())
+
+
+def _kept(switch: Switch, masks) -> dict[str, np.ndarray]:
+  """``{layer: positions among its stored blocks (the first nnz) that its
+  '<layer>/blocks' mask keeps}``."""
+  return {name: np.flatnonzero(np.asarray(masks[f"{name}/blocks"])[:layer["nnz"]])
+          for name, layer in switch.layers.items()}
 
 
 def _scalars(scalars: dict[str, float], layers: dict[str, dict]) -> dict[str, float]:
@@ -207,8 +213,8 @@ def live_scalars(switch: Switch, opt_state) -> dict[str, float]:
   masks = masks.masks if masks is not None else {}
   if not all(f"{name}/blocks" in masks for name in switch.layers):
     return dict(switch.scalars)
-  layers = {name: {**v, "nnz": int(np.sum(np.asarray(masks[f"{name}/blocks"])[:v["nnz"]]))}
-            for name, v in switch.layers.items()}
+  layers = {name: {**switch.layers[name], "nnz": int(kept.size)}
+            for name, kept in _kept(switch, masks).items()}
   return _scalars(switch.scalars, layers)
 
 
