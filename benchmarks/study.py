@@ -112,6 +112,9 @@ flags.register_validator("repack_steps", lambda v: all(n.isdigit() for n in v),
                          "--repack_steps takes whole numbers of steps >= 0, e.g. 0,100.")
 _METHODS = flags.DEFINE_list("methods", list(("group_lasso", "gradual", "set", "rigl",
                                               "static")), "Baselines to run beside KPD.")
+_DENSE = flags.DEFINE_bool(
+    "dense", True, "A dense run per seed (the accuracy and FLOPs reference). --nodense "
+    "leaves it to another invocation into the same --out, e.g. one running beside this.")
 _SWEEP = flags.DEFINE_bool("sweep", True, "Also run the block-size sweep and the selection.")
 _SWEEP_DENSITY = flags.DEFINE_float("sweep_density", 0.25, "Block density of the sweep.")
 _RESULTS = flags.DEFINE_string("results", "RESULTS.md", "Markdown report to write (all models in the study).")
@@ -175,10 +178,11 @@ def schedule(epochs: float) -> dict[str, float]:
 def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
          sweep_density: float, finetunes=("kpd",), prunes=("once",),
          factor_lr_scales=(1.0,), freezes=(KPD_FREEZE,), lams=(None,),
-         penalties=("l1",), switches=(None,), repacks=(0,)) -> list[Run]:
+         penalties=("l1",), switches=(None,), repacks=(0,), dense=True) -> list[Run]:
   """Every run of the study. KPD gets a row per combination of its settings; an early
   switch (a fraction in ``switches``; None: none) applies to ``+bsr cubic`` rows only, and
-  repacks (every ``N`` steps in ``repacks``; 0: none) to early switches only."""
+  repacks (every ``N`` steps in ``repacks``; 0: none) to early switches only; ``dense``:
+  a dense run per seed too."""
   runs = []
   sch = schedule(epochs)
   kpd_sch = {k: v for k, v in sch.items()
@@ -187,7 +191,8 @@ def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
   for model in models:
     for seed in seeds:
       base = common + (("seed", seed),)
-      runs.append(Run(model, "dense", "dense", 1.0, seed, base + (("method", "dense"),)))
+      if dense:
+        runs.append(Run(model, "dense", "dense", 1.0, seed, base + (("method", "dense"),)))
       for d in densities:
         for r, f, p, k, z, lam, pen, w, n in itertools.product(
             ranks, finetunes, prunes, factor_lr_scales, freezes, lams, penalties, switches,
@@ -847,8 +852,10 @@ def main(argv):
               _SWEEP.value, _SWEEP_DENSITY.value, _FINETUNE.value, _PRUNE.value,
               [float(k) for k in _FACTOR_LR.value],
               freezes, [float(v) for v in _LAMS.value] or [None], _PENALTIES.value,
-              switches or [None], repacks or [0])
+              switches or [None], repacks or [0], _DENSE.value)
   unique = list({r.name: r for r in runs}.values())
+  if not unique:
+    raise app.UsageError("No run planned: give --methods, --ranks or --dense.")
   print(f"{len(unique)} runs in {out}")
   for i, run in enumerate(unique):
     print(f"[{i + 1}/{len(unique)}] {run.name}", flush=True)

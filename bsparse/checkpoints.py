@@ -37,7 +37,7 @@ CORRUPT_SUFFIX = ".corrupt"
 RESUMABLE_FIELDS = frozenset({
     "num_epochs", "num_train_steps", "eval_batch_size", "log_every_steps",
     "eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints", "progress_bar",
-    "plots", "nan_policy", "kernels.impl", "xla_cpu_fusion_emitters",
+    "plots", "nan_policy", "kernels.impl", "kernels.dense_from", "xla_cpu_fusion_emitters",
     "host_malloc.arena_max", "host_malloc.mmap_threshold_kb", "dataset.data_dir",
     "dataset.download"})
 _IGNORING_ABANDONED_READS = False

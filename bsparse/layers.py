@@ -141,6 +141,7 @@ class LayerFactory:
   dtype: Any = None
   bsr_specs: dict[str, Any] = dataclasses.field(default_factory=dict)
   impl: str | None = None
+  dense_from: float | None = None
 
   KINDS = ("dense", "kpd", "bsr")
 
@@ -166,7 +167,8 @@ class LayerFactory:
     if self.kind == "bsr":
       spec = self.bsr_specs[name]
       return bsr_layers.BlockSparseDense(features, tuple(spec.block_shape), spec.nnz_max,
-                                         self.impl, use_bias, self.dtype, name=name)
+                                         self.impl, use_bias, self.dtype,
+                                         dense_from=self.dense_from, name=name)
     return KronDense(features, block_shapes=self.shapes_for(name),
                      rank=self.ranks.get(name, self.rank), use_bias=use_bias,
                      dtype=self.dtype, name=name)
@@ -180,7 +182,8 @@ class LayerFactory:
       spec = self.bsr_specs[name]
       return bsr_layers.BlockSparseConv(features, tuple(kernel_size), tuple(spec.block_shape),
                                         spec.nnz_max, tuple(strides), "SAME", self.impl,
-                                        use_bias, self.dtype, name=name)
+                                        use_bias, self.dtype, dense_from=self.dense_from,
+                                        name=name)
     return KronConv(features, tuple(kernel_size), tuple(strides),
                     block_shapes=self.shapes_for(name), rank=self.ranks.get(name, self.rank),
                     use_bias=use_bias, dtype=self.dtype, name=name)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bsparse import kron
-from bsparse.kernels.layers import INDEX_COLLECTION
+from bsparse.kernels.layers import INDEX_COLLECTION, computes_dense
 
 
 def io_shapes(model: nn.Module, variables, input_shape) -> dict[tuple[str, ...], tuple]:
@@ -77,17 +77,24 @@ def _kpd_row(terms: dict, in_pos: int, out_pos: int) -> dict:
               bsr_params=bsr_params, bsr_macs=bsr_macs)
 
 
-def _bsr_row(blocks, nnz: int, m: int, n: int, out_pos: int) -> dict:
+def _bsr_row(blocks, nnz: int, m: int, n: int, out_pos: int, dense_from) -> dict:
   """A block-sparse layer: it has no factored form, so its ``kpd_*`` columns repeat the
-  block-sparse costs."""
+  block-sparse costs. A layer that multiplies densely (``computes_dense``) costs the MACs
+  of its whole grid."""
   bm, bn = blocks.shape[-2:]
-  params, macs = _bsr_costs(nnz, int(math.prod(blocks.shape[1:-2])), bm, bn, out_pos)
-  return dict(block=f"{bm}x{bn} bsr", rank="-", density=nnz / max((m // bm) * (n // bn), 1),
+  grid, taps = ((m // bm), (n // bn)), int(math.prod(blocks.shape[1:-2]))
+  params, macs = _bsr_costs(nnz, taps, bm, bn, out_pos)
+  if computes_dense(blocks.shape[0], grid, dense_from):
+    macs = out_pos * taps * m * n
+  return dict(block=f"{bm}x{bn} bsr", rank="-", density=nnz / max(grid[0] * grid[1], 1),
               kpd_params=params, kpd_macs=macs, bsr_params=params, bsr_macs=macs)
 
 
 def layer_table(model: nn.Module, variables, input_shape) -> list[dict]:
-  """One row per weight layer (dense, KPD or block-sparse) with costs per example."""
+  """One row per weight layer (dense, KPD or block-sparse) with costs per example; the
+  block-sparse layers multiply densely by the ``dense_from`` of the model's ``layers``
+  factory."""
+  dense_from = getattr(getattr(model, "layers", None), "dense_from", None)
   shapes = io_shapes(model, variables, input_shape)
   flat = tu.flatten_dict(variables["params"])
   index = tu.flatten_dict(variables.get(INDEX_COLLECTION, {}))
@@ -116,7 +123,8 @@ def layer_table(model: nn.Module, variables, input_shape) -> list[dict]:
       row.update(block="dense", rank="-", density=1.0, kpd_params=dense_params,
                  kpd_macs=row["dense_macs"], bsr_params=dense_params, bsr_macs=row["dense_macs"])
     elif "blocks" in node:
-      row.update(_bsr_row(node["blocks"], int(index[path + ("nnz",)]), m, n, out_pos))
+      row.update(_bsr_row(node["blocks"], int(index[path + ("nnz",)]), m, n, out_pos,
+                          dense_from))
     else:
       row.update(_kpd_row(node, in_pos, out_pos))
     rows.append(row)

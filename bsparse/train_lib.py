@@ -51,7 +51,8 @@ def layer_factory(config: ml_collections.ConfigDict) -> layers_lib.LayerFactory:
       block_shapes={k: to_shape(v) for k, v in lc.block_shapes.items()},
       ranks=dict(lc.ranks), dense_layers=tuple(lc.dense_layers),
       dtype=jnp.dtype(config.compute_dtype),
-      impl=None if config.kernels.impl == "auto" else config.kernels.impl)
+      impl=None if config.kernels.impl == "auto" else config.kernels.impl,
+      dense_from=config.kernels.dense_from)
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int,

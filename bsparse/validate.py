@@ -230,6 +230,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sparsity.repack_every_steps": _AT_LEAST_0,
     "baseline.drop_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "dataset.val_size": _AT_LEAST_0,
+    "kernels.dense_from": (lambda v: v >= 0, ">= 0 (above 1: always block-sparse)"),
     "log_every_steps": _AT_LEAST_1,
     "eval_every_epochs": _POSITIVE,
     "checkpoint_every_steps": _AT_LEAST_1,

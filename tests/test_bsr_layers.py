@@ -89,6 +89,66 @@ def dense_kernel(v, kh, kw, cin, cout, block_shape):
   return kernel
 
 
+def test_computes_dense_from_a_share_of_the_grid():
+  assert bsr_layers.computes_dense(8, (4, 4), 0.5)
+  assert not bsr_layers.computes_dense(7, (4, 4), 0.5)
+  assert bsr_layers.computes_dense(1, (4, 4), 0.0)
+  assert not bsr_layers.computes_dense(16, (4, 4), None)
+  assert not bsr_layers.computes_dense(16, (4, 4), 1.5)
+
+
+def _same_function(make, x, mask):
+  """``make(dense_from)``'s layer multiplying densely (0) and block-sparse (None): the
+  same outputs and gradients for ``x`` and every stored block, padding included."""
+  dense, sparse = make(0.0), make(None)
+  v = random_variables(sparse, x, mask)
+
+  def loss(layer):
+    def f(x, blocks):
+      return jnp.sum(jnp.sin(layer.apply({**v, "params": {**v["params"], "blocks": blocks}}, x)))
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+  blocks = v["params"]["blocks"]
+  (got, (gx, gb)), (want, (wx, wb)) = loss(dense)(x, blocks), loss(sparse)(x, blocks)
+  chex.assert_trees_all_close((got, gx, gb), (want, wx, wb), atol=1e-4, rtol=1e-4)
+  padding = int(v[INDEX_COLLECTION]["nnz"])
+  assert padding < blocks.shape[0] and float(jnp.abs(gb[padding:]).max()) == 0.0
+
+
+@pytest.mark.parametrize("shape,block,mask", [
+    ((5, 8), (4, 4), [[1, 0], [1, 1]]),
+    ((2, 3, 15), (5, 7), [[1, 0, 0], [0, 1, 1], [0, 0, 0]]),
+    ((7, 6), (1, 2), [[1, 1, 0], [0, 0, 1], [1, 0, 0], [0, 0, 0], [0, 1, 0], [1, 0, 0]])])
+def test_dense_layer_multiplying_densely_is_the_same_function(shape, block, mask):
+  mask = np.array(mask, bool)
+  features = mask.shape[1] * block[1]
+  make = lambda d: BlockSparseDense(features, block, nnz_max=int(mask.sum()) + 1,  # noqa: E731
+                                    dense_from=d)
+  _same_function(make, jax.random.normal(jax.random.key(0), shape), mask)
+
+
+@pytest.mark.parametrize("hw,taps,strides,padding", [
+    ((9, 9), (3, 3), (1, 1), "SAME"), ((8, 7), (3, 3), (2, 2), "SAME"),
+    ((7, 6), (3, 2), (1, 2), "VALID"), ((9, 7), (3, 3), (2, 1), ((1, 0), (2, 1)))])
+def test_conv_layer_multiplying_densely_is_the_same_function(hw, taps, strides, padding):
+  make = lambda d: BlockSparseConv(12, taps, (4, 6), nnz_max=4, strides=strides,  # noqa: E731
+                                   padding=padding, dense_from=d)
+  _same_function(make, jax.random.normal(jax.random.key(0), (3, *hw, 8)),
+                 np.array([[1, 0], [1, 1]], bool))
+
+
+def test_a_budget_from_dense_from_multiplies_densely(monkeypatch):
+  calls = []
+  monkeypatch.setattr(bsr_layers, "bsr_matmul", lambda *a, **k: calls.append(1) or a[0][..., :8])
+  x = jnp.ones((2, 8))
+  for nnz_max, sparse_calls in ((2, 1), (3, 0), (4, 0)):  # 3 of 4 blocks: 0.75
+    layer = BlockSparseDense(8, (4, 4), nnz_max=nnz_max, dense_from=0.75, use_bias=False)
+    v = random_variables(layer, x, np.eye(2, dtype=bool))
+    calls.clear()
+    layer.apply(v, x)
+    assert len(calls) == sparse_calls, nnz_max
+
+
 @pytest.mark.parametrize("impl", ["xla", "cpu"])
 @pytest.mark.parametrize("hw,taps,strides,padding", [
     ((14, 9), (3, 3), (1, 1), "SAME"), ((13, 7), (3, 3), (2, 2), "SAME"),

@@ -3,6 +3,7 @@ the switch keeps the function, the loop trains free blocks on, resumes on either
 the switch, and eval / export / the report read the block-sparse model; an early switch
 prunes the free blocks on to the target and repacks them."""
 import contextlib
+import dataclasses
 import os
 
 import chex
@@ -171,6 +172,11 @@ def test_eval_forms_of_the_block_sparse_model_agree(reference, tmp_path):
   rows = {r["layer"]: r for r in report.layer_table(program.model, variables, (1, 28, 28, 1))}
   assert rows["fc1"]["block"] == "28x10 bsr" and rows["fc1"]["density"] == pytest.approx(33 / 112)
   assert rows["fc1"]["bsr_macs"] == 33 * 28 * 10 and rows["head"]["block"] == "dense"
+  densely = program.model.clone(  # a layer at a quarter of its grid multiplies densely
+      layers=dataclasses.replace(program.model.layers, dense_from=0.25))
+  fc1 = {r["layer"]: r for r in report.layer_table(densely, variables, (1, 28, 28, 1))}["fc1"]
+  assert fc1["bsr_macs"] == fc1["dense_macs"] == 112 * 28 * 10
+  assert fc1["bsr_params"] == rows["fc1"]["bsr_params"]
   export.save_blocks(variables["params"], str(tmp_path / "blocks.npz"), variables["bsr_index"])
   saved = np.load(tmp_path / "blocks.npz")
   assert saved["fc1/bsr/blocks"].shape == (33, 28, 10)

@@ -69,6 +69,13 @@ def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path, study_flags):
   assert os.path.getmtime(summary) == mtime
 
 
+def test_plan_without_dense_has_only_the_other_rows():
+  runs = study.plan(["cnn"], [0.1], [0, 1], [4], ["gradual"], 6.0, False, 0.25, dense=False)
+  assert sorted((r.method, r.seed) for r in runs) == [
+      ("gradual", 0), ("gradual", 1), ("kpd", 0), ("kpd", 1)]
+  assert len(study.plan(["cnn"], [0.1], [0], [4], ["gradual"], 6.0, False, 0.25)) == 3
+
+
 def test_plan_has_a_kpd_row_per_factor_step_multiplier():
   runs = study.plan(["cnn"], [0.1], [0], [4], [], 6.0, False, 0.25, ("bsr",), ("cubic",),
                     (1.0, 3.0))

@@ -13,6 +13,15 @@ Variables of both layers:
 both collections from a trained KPD model instead. Changing ``bsr_index`` within the
 budget does not change any shape, so a jitted step does not recompile.
 
+A layer whose block budget is at least ``dense_from`` of its block grid (``computes_dense``)
+multiplies densely instead: its blocks are added into a zero ``(in, out)`` weight
+(``BSR.to_dense``; ``from_indices`` zeroes the padding entries, so they get no gradient)
+and XLA's dense dot or convolution takes it. Near a full grid a block-sparse kernel does
+the dense arithmetic with gathers and scatters on top, so a model switched to block-sparse
+form before its blocks are pruned runs at dense speed until a repack shrinks its budget.
+The gradient of the scatter, a gather of the dense weight gradient, is the stored blocks'
+gradient.
+
 ``BlockSparseConv`` computes the convolution as patches (im2col) times a block-sparse
 ``(Cin*kh*kw, Cout)`` matrix: ``lax.conv_general_dilated_patches`` orders patch features
 channel-major, ``(c, h, w)``, so rows ``i*bm*kh*kw:(i+1)*bm*kh*kw`` of that matrix hold
@@ -90,6 +99,11 @@ def _weight(module, in_features: int, block_shape: Sequence[int], taps: tuple[in
   return bsr_lib.from_indices(blocks, rows, cols, nnz, shape)
 
 
+def computes_dense(nnz_max: int, grid: Shape2, dense_from: float | None) -> bool:
+  """Whether a layer with ``nnz_max`` stored blocks on a ``grid`` multiplies densely."""
+  return dense_from is not None and nnz_max >= dense_from * grid[0] * grid[1]
+
+
 def _pad(x, taps: Sequence[int], strides: Sequence[int], padding) -> jax.Array:
   """``x`` (NHWC) with the spatial padding of ``padding`` (a string or explicit pairs)."""
   pads = jax.lax.padtype_to_pads(x.shape[1:3], taps, strides, padding) \
@@ -143,6 +157,16 @@ def conv(x, w: bsr_lib.BSR, taps: Sequence[int], strides: Sequence[int], padding
   if rows == ho:
     return _whole(x, w, taps, strides, impl)
   return _in_slabs(x, w, tuple(taps), tuple(strides), rows, impl)
+
+
+def dense_conv(x, w: bsr_lib.BSR, taps: Sequence[int], strides: Sequence[int],
+               padding) -> jax.Array:
+  """The convolution of NHWC ``x`` by the ``(C*kh*kw, Cout)`` weight made dense: rows
+  ``(c, kh, kw)``, as ``patches`` orders them, become an HWIO kernel."""
+  cin = x.shape[-1]
+  kernel = w.to_dense().reshape(cin, *taps, -1).transpose(1, 2, 0, 3)
+  return jax.lax.conv_general_dilated(x, kernel, tuple(strides), padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def _whole(x, w, taps, strides, impl):
@@ -222,6 +246,8 @@ class BlockSparseDense(nn.Module):
     block_shape: ``(bm, bn)``; ``bm`` divides the input and ``bn`` the output dimension.
     nnz_max: block budget (default: all blocks).
     impl: ``bsr_matmul`` implementation (None: the process default / backend choice).
+    dense_from: multiply densely when ``nnz_max`` is at least this share of the block
+      grid (``computes_dense``; None: always block-sparse).
   """
   features: int
   block_shape: Shape2
@@ -230,12 +256,16 @@ class BlockSparseDense(nn.Module):
   use_bias: bool = True
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  dense_from: float | None = None
 
   @nn.compact
   def __call__(self, x):
     w = _weight(self, x.shape[-1], self.block_shape, ())
     blocks, x = nn.dtypes.promote_dtype(w.blocks, x, dtype=self.dtype)
-    return _bias(self, bsr_matmul(x, w.replace(blocks=blocks), impl=self.impl))
+    w = w.replace(blocks=blocks)
+    if computes_dense(w.nnz_max, w.grid, self.dense_from):
+      return _bias(self, x @ w.to_dense())
+    return _bias(self, bsr_matmul(x, w, impl=self.impl))
 
 
 class BlockSparseConv(nn.Module):
@@ -248,6 +278,7 @@ class BlockSparseConv(nn.Module):
     nnz_max: block budget over the ``(Cin/bm, Cout/bn)`` grid (default: all blocks).
     strides, padding: as ``lax.conv_general_dilated``.
     impl: ``bsr_matmul`` implementation.
+    dense_from: as ``BlockSparseDense``.
   """
   features: int
   kernel_size: Sequence[int]
@@ -259,11 +290,15 @@ class BlockSparseConv(nn.Module):
   use_bias: bool = True
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  dense_from: float | None = None
 
   @nn.compact
   def __call__(self, x):
     taps = tuple(int(v) for v in self.kernel_size)
     w = _weight(self, x.shape[-1], self.block_shape, taps)
     blocks, x = nn.dtypes.promote_dtype(w.blocks, x, dtype=self.dtype)
-    y = conv(x, w.replace(blocks=blocks), taps, tuple(self.strides), self.padding, self.impl)
+    w = w.replace(blocks=blocks)
+    if computes_dense(w.nnz_max, w.grid, self.dense_from):
+      return _bias(self, dense_conv(x, w, taps, tuple(self.strides), self.padding))
+    y = conv(x, w, taps, tuple(self.strides), self.padding, self.impl)
     return _bias(self, y)
