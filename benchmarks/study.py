@@ -18,7 +18,8 @@ plots in ``--plots_dir``:
   forward). Dense-start methods (dense, group_lasso, gradual) compute every weight;
   ``+bsr`` runs (``sparsity.finetune='bsr'``) count ``nnz*bm*bn`` per position for their
   sparse layers after the switch to block-sparse form, every stored block of each switch
-  (an early switch's pruned blocks too, until a repack);
+  (an early switch's pruned blocks too, until a repack), and the whole grid for a layer
+  that multiplies densely (``kernels.dense_from``);
   set/rigl/static count their masked layers at the target density (what a block-sparse
   kernel would compute); KPD counts its factored contractions (``bsparse.kron`` cost
   model, cheaper order per layer) at the block density logged at each step for dense

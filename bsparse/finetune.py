@@ -11,7 +11,7 @@ block can now leave the span of the ``B_k``.
 
 The optimizer restarts its moments for the new parameters (their count starts at 0, so
 Adam's bias correction is right) while the learning-rate schedule continues where it was
-(``continue_schedules``). The block indices are constants of the compiled step, not
+(``continue_schedules``). The block indices are an operand of the compiled step, not
 parameters: the trainer records them, with the block densities at the switch, in
 ``<workdir>/bsr_finetune.json`` (``record_switch``) before it saves the first checkpoint of
 the block-sparse model, so that a resumed run and ``eval.py`` rebuild that model.
@@ -30,7 +30,9 @@ the kept blocks become the first ``nnz`` entries and the rest is padding, which 
 kernels skip, so the compiled steps go on with the new indices (an operand of the steps,
 ``train_lib.Steps``) instead of being built again. Otherwise the budget shrinks to the
 kept blocks, so the stored blocks, their moments and the step's buffers follow the
-pruning at most a factor of two behind.
+pruning at most a factor of two behind. A layer whose budget is at least
+``kernels.dense_from`` of its grid (the budget of a switch before the pruning has
+removed much) multiplies its blocks as a dense weight (``kernels.layers``).
 """
 from __future__ import annotations
 

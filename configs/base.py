@@ -119,11 +119,12 @@ def get_config() -> config_dict.ConfigDict:
   c.kernels = config_dict.ConfigDict()
   c.kernels.impl = "auto"  # auto | xla | cpu | pallas_tpu | pallas_gpu
   # A block-sparse layer whose block budget is at least this share of its block grid
-  # multiplies its blocks as a dense weight (above 1: always block-sparse). On the 2-core CPU
-  # the CNN's train step took 122 ms dense against 181 ms block-sparse at a full budget, 130
-  # vs 157 at 0.75, 120 vs 142 at 0.5 (python -m benchmarks.dense_from). At 0.75 the budgets
-  # of an early switch, before a repack shrinks them, multiply densely, and a model pruned to
-  # a block density of 0.5 or below stays block-sparse, in FLOPs as in memory.
+  # multiplies its blocks as a dense weight (above 1: always block-sparse). On a 2-core
+  # Intel Xeon (AVX-512) the CNN's train step took 85 ms dense against 120 ms block-sparse
+  # at a full budget, 90 vs 138 at 0.75, 101 vs 115 at 0.5 (python -m benchmarks.dense_from).
+  # At 0.75 the budgets of an early switch, before a repack shrinks them, multiply densely,
+  # and a model pruned to a block density of 0.5 or below stays block-sparse, in FLOPs as in
+  # memory.
   c.kernels.dense_from = 0.75
 
   c.log_every_steps = 50
