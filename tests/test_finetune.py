@@ -59,8 +59,10 @@ def test_the_switch_keeps_the_function(name, shape):
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_sharded_block_sparse_step_equals_single_device():
+@pytest.mark.parametrize("dense_from", [2.0, 0.0])  # block-sparse products, dense ones
+def test_sharded_block_sparse_step_equals_single_device(dense_from):
   c = helpers.tiny("cnn_fmnist", 2)
+  c.kernels.dense_from = dense_from
   model = train_lib.build_model(c, 10)
   x = jnp.zeros((1, 28, 28, 1))
   params = jax.device_get(_zero_some_selectors(
@@ -81,7 +83,7 @@ def test_sharded_block_sparse_step_equals_single_device():
       state, _ = steps.train(state, steps.put_batch(b))
     results.append(jax.device_get(state.params))
   chex.assert_trees_all_close(results[0], results[1], rtol=1e-4, atol=1e-5)
-  # The kernels see each device's 2 images: no device gathers the batch.
+  # The products see each device's 2 images: no device gathers the batch.
   hlo = steps.lower_train(state, steps.put_batch(batches[0])).compile().as_text()
   assert "all-gather" not in hlo
 
