@@ -25,9 +25,10 @@ plots in ``--plots_dir``:
   model, cheaper order per layer) at the block density logged at each step for dense
   layers and over the full block grid for convs, candidates included until the selection
   drops them;
-- step time: the median over the logging windows of ``batch / examples_per_sec``, and the
-  run's wall time (``train.py`` start to end: compiles and evaluations included), which
-  also shows phases slower than the median step;
+- step time: the median over the logging windows of ``batch / examples_per_sec``, a plot
+  of every window over the run, and the run's wall time (``train.py`` start to end:
+  compiles and evaluations included), which also shows phases slower than the median
+  step;
 - memory: params + optimizer state, and XLA's own account of the compiled train step
   (arguments + temporaries: activations and workspace), and the process's peak RSS;
 - inference latency (``--latency_batch``) of the serving forms of the seed-0 models.
@@ -437,6 +438,13 @@ def median_step_ms(rows, batch_size: int) -> float:
   return 1000 * batch_size / statistics.median(rates) if rates else float("nan")
 
 
+def step_ms_trace(rows, batch_size: int) -> list[list[float]]:
+  """``[step, ms per step]`` of each logging window (``batch / examples_per_sec``: the
+  window's wall time, compiles, repacks and evaluations in it included)."""
+  return [[r["step"], 1000 * batch_size / r["examples_per_sec"]]
+          for r in rows if r.get("examples_per_sec")]
+
+
 def measure(run: Run, out: str, datasets, latency: bool) -> dict[str, Any]:
   workdir = os.path.join(out, run.name)
   config = checkpoints.load_config(workdir)
@@ -463,6 +471,7 @@ def measure(run: Run, out: str, datasets, latency: bool) -> dict[str, Any]:
             "flops": training_flops(run, config, initial, init_vars, datasets.image_shape,
                                     rows, switches),
             "step_ms": median_step_ms(rows, config.batch_size),
+            "step_ms_trace": step_ms_trace(rows, config.batch_size),
             **step_memory(program, state, config, datasets.image_shape)}
   if choice is not None:
     result["chosen"] = {k: list(v) for k, v in choice.block_shapes.items()}
@@ -671,6 +680,34 @@ def plot_accuracy(results, model, path) -> str:
   return path
 
 
+def plot_step_times(results, model, path) -> bool:
+  """Milliseconds per step over the run, per row of ``model`` (the median over seeds of
+  each logging window), to show where a run's wall time goes beyond the median step.
+  False (and no plot) when no run has a trace."""
+  rs = [r for r in results if r["model"] == model and r.get("step_ms_trace")
+        and not r["label"].startswith(("fixed", "select"))]
+  if not rs:
+    return False
+  fig, ax = plt.subplots(figsize=(12, 4.2))
+  for label, g in sorted(_groups(rs, lambda r: r["label"]).items()):
+    by_step = {}
+    for r in g:
+      for step, ms in r["step_ms_trace"]:
+        by_step.setdefault(step, []).append(ms)
+    steps = sorted(by_step)
+    style = "-" if label.startswith("kpd") else ("k:" if label == "dense" else "--")
+    ax.plot(steps, [statistics.median(by_step[t]) for t in steps], style, label=label,
+            linewidth=1.2)
+  ax.set(xlabel="step", ylabel="ms per step (logging window)",
+         title=f"{model}: step time over the run (median over seeds)")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
 def kpd_labels(results, model) -> list[str]:
   """The KPD table rows of ``model`` (``kpd r<rank>``, with ``+bsr`` and ``cubic`` variants)."""
   labels = {r["label"] for r in results if r["model"] == model and r["label"].startswith("kpd")}
@@ -711,6 +748,9 @@ def model_section(results, model, plots_dir, rel, plot_name: str) -> list[str]:
   of one model."""
   parts = [main_table(results, model) + "\n", f"![{model}]({rel}/{plot_name})\n"]
   plot_accuracy(results, model, os.path.join(plots_dir, plot_name))
+  steps_name = plot_name.replace("accuracy", "step_times")
+  if plot_step_times(results, model, os.path.join(plots_dir, steps_name)):
+    parts.append(f"![{model} step times]({rel}/{steps_name})\n")
   checks = kpd_targets(results, model)
   if checks:
     parts.append("Targets:\n\n" + targets_table(checks) + "\n")

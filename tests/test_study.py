@@ -59,6 +59,10 @@ def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path, study_flags):
   assert "| mlp | 2 epochs | kpd r2 at density 0.5: within 1.0 point of dense |" in glance
   assert "| mlp | 2 epochs | selection, seed 0: training FLOPs ≤ 1.5x that fixed run |" in glance
   assert os.path.exists(tmp_path / "plots" / "mlp_accuracy.png")
+  assert os.path.exists(tmp_path / "plots" / "mlp_step_times.png")
+  assert "(plots/mlp_step_times.png)" in text
+  trace = by["gradual"]["step_ms_trace"]  # a window every 2 steps (log_every_steps=2)
+  assert [t for t, _ in trace[:2]] == [2, 4] and all(ms > 0 for _, ms in trace)
   assert "Reproduce with `python -m benchmarks.study" in text
   # A finished run is not trained again (an interrupted study resumes).
   summary = out / "mlp" / "dense_d1_s0" / "summary.json"
