@@ -673,11 +673,15 @@ def plot_accuracy(results, model, path) -> str:
   ax2.set(xscale="log", xlabel="training TFLOPs (analytic)", ylabel="test accuracy %",
           title=f"{model}: accuracy vs training cost")
   ax1.legend(fontsize=7)
+  _save(fig, path)
+  return path
+
+
+def _save(fig, path: str) -> None:
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.savefig(path, dpi=110)
   plt.close(fig)
-  return path
 
 
 def plot_step_times(results, model, path) -> bool:
@@ -701,10 +705,7 @@ def plot_step_times(results, model, path) -> bool:
   ax.set(xlabel="step", ylabel="ms per step (logging window)",
          title=f"{model}: step time over the run (median over seeds)")
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path)
   return True
 
 
