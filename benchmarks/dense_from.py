@@ -5,10 +5,11 @@ budget computed block-sparse and densely (``kernels.dense_from``), side by side.
   python -m benchmarks.dense_from --config=configs/mlp_fmnist.py --budgets=1,0.5,0.25
 
 For each budget (a share of every sparse layer's block grid) the model of ``--config`` is
-built in block-sparse form with a random mask of that many blocks per layer, and its train
-step (loss, gradient and an Adam update, jitted with the config's XLA options) is timed with
-the blocks multiplied by the block-sparse kernels and with them scattered into a dense
-weight. Each time is the median over ``--rounds`` interleaved rounds of ``--steps`` steps;
+built in block-sparse form with a random mask of that many blocks per layer, and the
+trainer's train step (``train_lib.Steps``, with Adam and the config's XLA options) is timed
+with the blocks multiplied by the block-sparse kernels and with them scattered into a dense
+weight (``benchmarks.timing.time_steps``). Each time is the median over ``--rounds``
+interleaved rounds of ``--steps`` steps;
 ``ratio`` is block-sparse over dense time, so the dense path pays off above 1. The
 crossover is where ``kernels.dense_from`` belongs on the machine.
 """
@@ -16,17 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 
 from absl import app, flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from ml_collections import config_flags
 
+from benchmarks.timing import time_steps
 from bsparse import train_lib
 from bsparse.kernels import convert
+from bsparse.kernels.layers import INDEX_COLLECTION
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cnn_fmnist.py", "Model config.")
 _BUDGETS = flags.DEFINE_list("budgets", ["1", "0.75", "0.5", "0.4", "0.25", "0.1"],
@@ -47,47 +48,21 @@ def sparse_specs(config, share: float) -> dict[str, convert.LayerSpec]:
 
 
 def train_step(config, specs, dense_from):
-  """``(jitted step, state, batch)`` for the block-sparse model of ``specs``."""
+  """``(train step, state, batch)`` of the trainer (``train_lib.Steps``, with Adam) for the
+  block-sparse model of ``specs``."""
   factory = dataclasses.replace(train_lib.layer_factory(config), kind="bsr",
                                 bsr_specs=specs, dense_from=dense_from)
   model = train_lib.models.create_model(config.model, factory, 10, **config.model_kwargs)
-  variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, *IMAGE_SHAPE))))(
-      jax.random.key(0))
-  params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
-  opt = optax.adam(1e-3)
-
-  def step(state, batch):
-    params, opt_state = state
-
-    def loss(p):
-      logits = model.apply({"params": p, **rest}, batch["image"])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-
-    grads = jax.grad(loss)(params)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
+  variables = train_lib.init_variables(model, IMAGE_SHAPE, 0)
+  index = {INDEX_COLLECTION: variables[INDEX_COLLECTION]}
+  tx, mesh = optax.adam(1e-3), train_lib.make_mesh()
+  steps = train_lib.Steps(model, tx, 10, mesh, consts=index,
+                          compiler_options=train_lib.compiler_options(config, mesh))
+  state = steps.put_state(train_lib.create_state(variables, tx))
   rng, n = np.random.default_rng(0), _BATCH.value or config.batch_size
-  batch = {"image": jnp.asarray(rng.normal(size=(n, *IMAGE_SHAPE)), jnp.float32),
-           "label": jnp.asarray(rng.integers(0, 10, n), jnp.int32)}
-  state = (params, opt.init(params))
-  options = train_lib.compiler_options(config, train_lib.make_mesh())
-  compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile(options)
-  return compiled, state, batch
-
-
-def median_ms(runs: dict, rounds: int, steps: int) -> dict:
-  """Interleaved rounds of ``{key: (step, state, batch)}``: ``{key: median ms per step}``."""
-  states = {k: jax.block_until_ready(step(state, batch)) for k, (step, state, batch) in runs.items()}
-  times = {k: [] for k in runs}
-  for _ in range(rounds):
-    for k, (step, _, batch) in runs.items():
-      t = time.perf_counter()
-      for _ in range(steps):
-        states[k] = step(states[k], batch)
-      jax.block_until_ready(states[k])
-      times[k].append(1e3 * (time.perf_counter() - t) / steps)
-  return {k: statistics.median(v) for k, v in times.items()}
+  batch = steps.put_batch({"image": rng.normal(size=(n, *IMAGE_SHAPE)).astype(np.float32),
+                           "label": rng.integers(0, 10, n).astype(np.int32)})
+  return steps.train, state, batch
 
 
 def main(argv):
@@ -101,7 +76,8 @@ def main(argv):
     specs = sparse_specs(config, share)
     runs = {path: train_step(config, specs, dense_from)
             for path, dense_from in (("bsr", None), ("dense", 0.0))}
-    ms = median_ms(runs, _ROUNDS.value, _STEPS.value)
+    times, _ = time_steps(runs, _ROUNDS.value, _STEPS.value)
+    ms = {path: statistics.median(t) for path, t in times.items()}
     print(f"| {share:g} | {ms['bsr']:.1f} | {ms['dense']:.1f} | "
           f"{ms['bsr'] / ms['dense']:.2f} |", flush=True)
 

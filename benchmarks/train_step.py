@@ -11,12 +11,12 @@ state the previous one returned (on the same batch). Nothing is written to the w
 from __future__ import annotations
 
 import statistics
-import time
 
 from absl import app, flags
 import jax
 import numpy as np
 
+from benchmarks.timing import time_steps
 from bsparse import checkpoints, data, train_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run's directory (required).")
@@ -34,25 +34,6 @@ def restored_step(workdir: str, config, impl: str, datasets):
   batch = program.steps.put_batch({"image": datasets.train["image"][:n].astype(np.float32),
                                    "label": datasets.train["label"][:n]})
   return program.steps.train, state, batch
-
-
-def time_steps(runs: dict, rounds: int, steps: int) -> tuple[dict, dict]:
-  """Times ``{impl: (step, state, batch)}`` in interleaved rounds.
-
-  Returns ``({impl: [ms per step, one per round]}, {impl: final state})``; the first call
-  of each step (its compilation) is not timed.
-  """
-  states = {impl: jax.block_until_ready(step(state, batch)[0])
-            for impl, (step, state, batch) in runs.items()}
-  times = {impl: [] for impl in runs}
-  for _ in range(rounds):
-    for impl, (step, _, batch) in runs.items():
-      t = time.perf_counter()
-      for _ in range(steps):
-        states[impl], _ = step(states[impl], batch)
-      jax.block_until_ready(states[impl])
-      times[impl].append(1e3 * (time.perf_counter() - t) / steps)
-  return times, states
 
 
 def main(argv):

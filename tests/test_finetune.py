@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 
 from bsparse import (baselines, checkpoints, data, export, finetune, metric_writers, report,
                      sparsity, train_lib, validate)
-from benchmarks import train_step
+from benchmarks import timing, train_step
 from tests import helpers
 
 
@@ -188,15 +188,13 @@ def test_eval_forms_of_the_block_sparse_model_agree(reference, tmp_path):
                                 saved["fc1/bsr/blocks"][0])
 
 
-
-
 def test_train_step_benchmark_times_both_kernels_on_the_same_model(reference):
   c, workdir, _, _ = reference
   with tfds.testing.mock_data(num_examples=48):
     datasets = data.get_datasets(c)
   runs = {impl: train_step.restored_step(str(workdir), c, impl, datasets)
           for impl in ("cpu", "xla")}
-  times, states = train_step.time_steps(runs, rounds=2, steps=2)
+  times, states = timing.time_steps(runs, rounds=2, steps=2)
   assert {k: len(v) for k, v in times.items()} == {"cpu": 2, "xla": 2}
   assert all(t > 0 for ts in times.values() for t in ts)
   # Five steps from the same checkpoint on the same batch: the kernels agree.
