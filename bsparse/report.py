@@ -19,6 +19,11 @@ from bsparse.kernels.layers import INDEX_COLLECTION, computes_dense
 
 def io_shapes(model: nn.Module, variables, input_shape) -> dict[tuple[str, ...], tuple]:
   """``{module_path: (input_shape, output_shape)}`` of every module call, traced abstractly."""
+  return {path: shapes for path, (*shapes, _) in _calls(model, variables, input_shape).items()}
+
+
+def _calls(model: nn.Module, variables, input_shape) -> dict[tuple[str, ...], tuple]:
+  """``{module_path: (input_shape, output_shape, module)}`` of every module call."""
   seen = {}
 
   def record(next_fun, args, kwargs, context):
@@ -26,7 +31,7 @@ def io_shapes(model: nn.Module, variables, input_shape) -> dict[tuple[str, ...],
     mod = context.module
     if context.method_name == "__call__" and args and hasattr(args[0], "shape"):
       if hasattr(out, "shape"):
-        seen.setdefault(tuple(mod.path), (tuple(args[0].shape), tuple(out.shape)))
+        seen.setdefault(tuple(mod.path), (tuple(args[0].shape), tuple(out.shape), mod))
     return out
 
   def run(v, x):
@@ -91,11 +96,9 @@ def _bsr_row(blocks, nnz: int, m: int, n: int, out_pos: int, dense_from) -> dict
 
 
 def layer_table(model: nn.Module, variables, input_shape) -> list[dict]:
-  """One row per weight layer (dense, KPD or block-sparse) with costs per example; the
-  block-sparse layers multiply densely by the ``dense_from`` of the model's ``layers``
-  factory."""
-  dense_from = getattr(getattr(model, "layers", None), "dense_from", None)
-  shapes = io_shapes(model, variables, input_shape)
+  """One row per weight layer (dense, KPD or block-sparse) with costs per example; a
+  block-sparse layer costs what its own ``dense_from`` makes it compute."""
+  calls = _calls(model, variables, input_shape)
   flat = tu.flatten_dict(variables["params"])
   index = tu.flatten_dict(variables.get(INDEX_COLLECTION, {}))
   layers: dict[tuple, dict] = {}
@@ -106,7 +109,7 @@ def layer_table(model: nn.Module, variables, input_shape) -> list[dict]:
       layers.setdefault(path[:-2], {})[path[-2]] = {k: flat[path[:-1] + (k,)] for k in "SAB"}
   rows = []
   for path, node in layers.items():
-    (in_shape, out_shape) = shapes.get(path, ((1, 1), (1, 1)))
+    in_shape, out_shape, module = calls.get(path, ((1, 1), (1, 1), None))
     in_pos, out_pos = positions(in_shape), positions(out_shape)
     m, n = in_shape[-1], out_shape[-1]
     if "kernel" in node:
@@ -124,7 +127,7 @@ def layer_table(model: nn.Module, variables, input_shape) -> list[dict]:
                  kpd_macs=row["dense_macs"], bsr_params=dense_params, bsr_macs=row["dense_macs"])
     elif "blocks" in node:
       row.update(_bsr_row(node["blocks"], int(index[path + ("nnz",)]), m, n, out_pos,
-                          dense_from))
+                          getattr(module, "dense_from", None)))
     else:
       row.update(_kpd_row(node, in_pos, out_pos))
     rows.append(row)
