@@ -39,12 +39,16 @@ _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds (the median is r
 IMAGE_SHAPE = (28, 28, 1)
 
 
-def sparse_specs(config, share: float) -> dict[str, convert.LayerSpec]:
-  """A ``LayerSpec`` per sparse layer of ``config``'s KPD model, ``share`` of its grid."""
+def full_specs(config) -> dict[str, convert.LayerSpec]:
+  """A ``LayerSpec`` per sparse layer of ``config``'s KPD model, holding its whole grid."""
   model = train_lib.build_model(config, 10)
   params = train_lib.init_variables(model, IMAGE_SHAPE, 0)["params"]
-  full = convert.bsr_layer_specs(params)  # selectors start nonzero: every block
-  return {name: s._replace(nnz_max=max(1, round(share * s.nnz_max))) for name, s in full.items()}
+  return convert.bsr_layer_specs(params)  # selectors start nonzero: every block
+
+
+def share_of(specs, share: float) -> dict[str, convert.LayerSpec]:
+  """``specs`` with ``share`` of each layer's budget (at least one block)."""
+  return {name: s._replace(nnz_max=max(1, round(share * s.nnz_max))) for name, s in specs.items()}
 
 
 def train_step(config, specs, dense_from):
@@ -72,8 +76,9 @@ def main(argv):
         f"{jax.devices()[0].device_kind}, "
         f"impl {config.kernels.impl}")
   print("| budget | block-sparse ms | dense ms | ratio |\n|---|---|---|---|")
+  full = full_specs(config)
   for share in map(float, _BUDGETS.value):
-    specs = sparse_specs(config, share)
+    specs = share_of(full, share)
     runs = {path: train_step(config, specs, dense_from)
             for path, dense_from in (("bsr", None), ("dense", 0.0))}
     times, _ = time_steps(runs, _ROUNDS.value, _STEPS.value)
