@@ -120,8 +120,8 @@ def get_config() -> config_dict.ConfigDict:
   c.kernels.impl = "auto"  # auto | xla | cpu | pallas_tpu | pallas_gpu
   # A block-sparse layer whose block budget is at least this share of its block grid
   # multiplies its blocks as a dense weight (above 1: always block-sparse). On a 2-core
-  # Intel Xeon (AVX-512) the CNN's train step took 85 ms dense against 120 ms block-sparse
-  # at a full budget, 90 vs 138 at 0.75, 101 vs 115 at 0.5 (python -m benchmarks.dense_from).
+  # Intel Xeon (AVX-512) the CNN's train step took 110 ms dense against 176 ms block-sparse
+  # at a full budget, 85 vs 138 at 0.75, 92 vs 127 at 0.5 (python -m benchmarks.dense_from).
   # At 0.75 the budgets of an early switch, before a repack shrinks them, multiply densely,
   # and a model pruned to a block density of 0.5 or below stays block-sparse, in FLOPs as in
   # memory.
