@@ -1,14 +1,17 @@
-r"""Block-sparse convolution: its patch matrix whole or in slabs, against a dense conv.
+r"""Block-sparse convolution: in place, or its patch matrix whole or in slabs, against a
+dense conv.
 
   python -m benchmarks.bsr_conv                       # the CNN's conv2 and a ResNet conv
   python -m benchmarks.bsr_conv --batches=1000 --passes=fwd
 
-``BlockSparseConv`` multiplies the patch matrix (im2col, ``kh*kw`` times its input) by the
-block-sparse weight. Above ``kernels.layers.PATCH_BYTES`` of patches the forward and the
-backward pass build and multiply it a slab of output rows at a time. For each
+On the ``cpu`` kernels a stride-1 ``BlockSparseConv`` convolves in place
+(``ops.bsr_conv``, the form "BSR, in place", listed where it applies); elsewhere it
+multiplies the patch matrix (im2col, ``kh*kw`` times its input) by the block-sparse
+weight, and above ``kernels.layers.PATCH_BYTES`` of patches the forward and the backward
+pass build and multiply it a slab of output rows at a time. For each
 (layer, batch, pass) this compiles the dense ``lax`` convolution, the block-sparse one with
 its patch matrix whole (no budget) and in slabs (``--patch_bytes``, by default
-``PATCH_BYTES``), and reports
+``PATCH_BYTES``) and in place, and reports
 XLA's temporaries of the compiled function (activations and workspace, not arguments or
 outputs) and its time: the minimum over ``--rounds`` interleaved rounds of the mean over
 ``--calls`` calls, and the largest difference of its output from the dense conv's. Masks
@@ -23,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from bsparse import baselines
-from bsparse.kernels import bsr, layers
+from bsparse.kernels import bsr, layers, ops
 
 _BATCHES = flags.DEFINE_list("batches", ["128", "1000"], "Batch sizes.")
 _PASSES = flags.DEFINE_list("passes", ["fwd", "fwd+bwd"], "fwd and/or fwd+bwd.")
@@ -62,12 +65,16 @@ def _functions(kernel, block_shape, patch_bytes: int):
     return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-  def sparse(budget):
-    return lambda x, w: layers.conv(x, w, (3, 3), (1, 1), "SAME", patch_bytes=budget)
+  def sparse(budget, in_place=False):
+    return lambda x, w: layers.conv(x, w, (3, 3), (1, 1), "SAME", patch_bytes=budget,
+                                    in_place=in_place)
 
   w = _sparse(kernel, block_shape)
-  return {"dense conv": (dense, kernel), "BSR, patches whole": (sparse(1 << 62), w),
-          "BSR, patches in slabs": (sparse(patch_bytes), w)}
+  forms = {"dense conv": (dense, kernel), "BSR, patches whole": (sparse(1 << 62), w),
+           "BSR, patches in slabs": (sparse(patch_bytes), w)}
+  if ops.convolves_in_place(None, w, jnp.float32, (1, 1)):
+    forms["BSR, in place"] = (sparse(patch_bytes, in_place=True), w)
+  return forms
 
 
 def _compiled(f, weight, x, kind: str):

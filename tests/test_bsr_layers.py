@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bsparse.kernels import bsr, convert
+from bsparse.kernels import bsr, convert, ops
 from bsparse.kernels import layers as bsr_layers
 from bsparse.kernels.layers import INDEX_COLLECTION, BlockSparseConv, BlockSparseDense, patches
 from bsparse.layers import KronConv, KronDense
@@ -183,6 +183,57 @@ def test_conv_in_slabs_matches_lax_conv_forward_and_gradients(monkeypatch, impl,
   chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("cin,cout,block,taps,hw,padding,mask", [
+    (8, 12, (4, 6), (3, 3), (9, 7), "SAME", [[1, 0], [1, 1]]),
+    (8, 12, (4, 6), (3, 2), (6, 11), "VALID", [[0, 0], [1, 1]]),  # an empty input block
+    (6, 10, (2, 5), (1, 1), (5, 4), "SAME", [[1, 0], [0, 0], [0, 1]]),
+    (3, 7, (1, 7), (5, 5), (8, 9), ((2, 0), (1, 3)), [[1], [0], [1]]),
+    (16, 16, (16, 16), (2, 3), (1, 13), "SAME", [[1]])])  # a full grid: no padding
+def test_conv_in_place_matches_lax_conv_forward_and_gradients(cin, cout, block, taps, hw,
+                                                              padding, mask):
+  mask = np.array(mask, bool)
+  nnz = int(mask.sum())
+  layer = BlockSparseConv(cout, taps, block, nnz_max=min(nnz + 1, mask.size), padding=padding,
+                          impl="cpu")
+  x = jax.random.normal(jax.random.key(0), (3, *hw, cin))
+  v = random_variables(layer, x, mask)
+
+  def sparse(x, blocks):
+    return layer.apply({**v, "params": {**v["params"], "blocks": blocks}}, x)
+
+  def reference(x, blocks):
+    kernel = dense_kernel({**v, "params": {"blocks": blocks}}, *taps, cin, cout, block)
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), padding,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + v["params"]["bias"]
+
+  loss = lambda f: lambda x, b: jnp.sum(jnp.sin(f(x, b)))  # noqa: E731
+  blocks = v["params"]["blocks"]
+  hlo = jax.jit(jax.grad(loss(sparse), argnums=(0, 1))).lower(x, blocks).as_text()
+  assert hlo.count("bsparse_bsr_conv") == 3 and "bsparse_bsr_matmul" not in hlo  # no patches
+  chex.assert_trees_all_close(jax.jit(sparse)(x, blocks), reference(x, blocks), atol=1e-4)
+  got = jax.jit(jax.grad(loss(sparse), argnums=(0, 1)))(x, blocks)
+  want = jax.grad(loss(reference), argnums=(0, 1))(x, blocks)
+  chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
+  assert not np.any(got[1][nnz:])  # padding gets no gradient
+
+
+def test_conv_in_place_takes_stride_one_on_the_cpu_kernels_only():
+  w = bsr.from_dense(jnp.ones((8 * 9, 12)), (4 * 9, 6))
+  assert ops.convolves_in_place("cpu", w, jnp.float32, (1, 1))
+  assert not ops.convolves_in_place("cpu", w, jnp.float32, (2, 1))
+  assert not ops.convolves_in_place("xla", w, jnp.float32, (1, 1))
+
+
+def test_conv_in_place_kernel_rejects_out_of_range_blocks():
+  layer = BlockSparseConv(12, (3, 3), (4, 6), nnz_max=2, impl="cpu")
+  x = jnp.ones((1, 5, 5, 8))
+  v = random_variables(layer, x, np.eye(2, dtype=bool))
+  bad = {**v, INDEX_COLLECTION: {**v[INDEX_COLLECTION], "rows": jnp.array([0, 7], jnp.int32)}}
+  with pytest.raises(Exception, match="bsr_conv: block index out of range"):
+    jax.block_until_ready(layer.apply(bad, x))
+
+
 def test_conv_gradient_in_slabs_holds_one_slab_of_patches(monkeypatch):
   # The CNN's conv2 at batch 16: 3.6 MB of patches whole, a seventh of that per slab.
   layer = BlockSparseConv(64, (3, 3), (4, 4), nnz_max=16, impl="xla")
@@ -333,8 +384,8 @@ def test_conv_benchmark_times_one_convolution_in_every_form():
                        timeout=300).stdout
   cells = [r.split("|")[1:-1] for r in out.splitlines() if r.startswith("| ")]
   rows = [c for c in cells if c[1].strip().isdigit()]  # not the header
-  assert len(rows) == 2 * 3  # two layers, three forms, batch 2, forward only
+  assert len(rows) == 2 * 4  # two layers, four forms, batch 2, forward only
   assert {r[3].strip() for r in rows} == {"dense conv", "BSR, patches whole",
-                                          "BSR, patches in slabs"}
+                                          "BSR, patches in slabs", "BSR, in place"}
   assert all(float(r[4]) > 0 and r[2].strip() == "fwd" for r in rows)
   assert all(float(r[8]) < 1e-3 for r in rows)  # the same convolution as the dense one

@@ -33,7 +33,8 @@ from bsparse.kernels import bsr as bsr_lib
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
-TARGETS = {"bsparse_bsr_matmul": "BsrMatmul", "bsparse_bsr_sddmm": "BsrSddmm"}
+TARGETS = {"bsparse_bsr_matmul": "BsrMatmul", "bsparse_bsr_sddmm": "BsrSddmm",
+           "bsparse_bsr_conv": "BsrConv", "bsparse_bsr_conv_sddmm": "BsrConvSddmm"}
 
 
 class BuildError(RuntimeError):
@@ -151,3 +152,59 @@ def sddmm(a: jax.Array, b: jax.Array, w: bsr_lib.BSR, interpret: bool = False) -
   return _call("bsparse_bsr_sddmm", (w.nnz_max, *w.block_shape), a.astype(jnp.float32),
                b.astype(jnp.float32), w.rows, w.cols, w.nnz.reshape(1))
 
+
+
+def tap_blocks(w: bsr_lib.BSR, taps) -> jax.Array:
+  """The ``(nnz_max, kh, kw, bm, bn)`` taps of a convolution's ``(Cin*kh*kw, Cout)`` weight,
+  whose ``(bm*kh*kw, bn)`` blocks hold rows ``(c, kh, kw)`` (``kernels.layers``)."""
+  kh, kw = taps
+  bm, bn = w.block_shape[0] // (kh * kw), w.block_shape[1]
+  return jnp.moveaxis(w.blocks.reshape(w.nnz_max, bm, kh, kw, bn), 1, 3)
+
+
+def patch_blocks(taps: jax.Array) -> jax.Array:
+  """The inverse of ``tap_blocks``: ``(nnz_max, kh, kw, bm, bn)`` to ``(nnz_max, bm*kh*kw, bn)``."""
+  nnz_max, kh, kw, bm, bn = taps.shape
+  return jnp.moveaxis(taps, 3, 1).reshape(nnz_max, bm * kh * kw, bn)
+
+
+def conv(x: jax.Array, w: bsr_lib.BSR, taps, transpose: bool = False) -> jax.Array:
+  """The VALID, stride-1 convolution of padded NHWC ``x`` by the taps of ``w``, read in
+  place (no patch matrix).
+
+  Args:
+    x: ``(N, Hp, Wp, Cin)``, or with ``transpose`` ``(N, Hp, Wp, Cout)``.
+    w: the ``(Cin*kh*kw, Cout)`` weight of a ``BlockSparseConv``.
+    taps: ``(kh, kw)``.
+    transpose: convolve by the transposed, flipped taps instead (``Cout`` to ``Cin``): the
+      input gradient when ``x`` is the output gradient padded by ``(kh-1, kw-1)``.
+  Returns:
+    ``(N, Hp-kh+1, Wp-kw+1, Cout)`` (``Cin`` with ``transpose``) in ``x.dtype``.
+  """
+  blocks, src = tap_blocks(w, taps), w.rows
+  if transpose:
+    blocks, src = jnp.swapaxes(blocks[:, ::-1, ::-1], 3, 4), w.cols
+  entry, offsets = bsr_lib.group_offsets(w, transpose)
+  (n, hp, wp, _), (kh, kw) = x.shape, taps
+  shape = (n, hp - kh + 1, wp - kw + 1, (offsets.shape[0] - 1) * blocks.shape[-1])
+  y = _call("bsparse_bsr_conv", shape, x.astype(jnp.float32), blocks.astype(jnp.float32),
+            src, entry, offsets)
+  return y.astype(x.dtype)
+
+
+def conv_sddmm(x: jax.Array, dy: jax.Array, w: bsr_lib.BSR, taps) -> jax.Array:
+  """The gradient of ``conv`` for the stored blocks: ``(nnz_max, bm*kh*kw, bn)`` f32 in the
+  layout of ``w.blocks`` (zero for padding).
+
+  Args:
+    x: the padded input ``(N, Hp, Wp, Cin)``; dy: ``(N, Hp-kh+1, Wp-kw+1, Cout)``.
+  """
+  (m1, n1), (kh, kw) = w.grid, taps
+  bm, bn = w.block_shape[0] // (kh * kw), w.block_shape[1]
+
+  def block_major(a, width):  # (N, H, W, C) -> (C/width, N, H, W, width)
+    return jnp.moveaxis(a.astype(jnp.float32).reshape(*a.shape[:3], -1, width), 3, 0)
+
+  out = _call("bsparse_bsr_conv_sddmm", (w.nnz_max, kh, kw, bm, bn), block_major(x, bm),
+              block_major(dy, bn), w.rows, w.cols, w.nnz.reshape(1))
+  return patch_blocks(out)

@@ -13,6 +13,15 @@
 //     and cols, grouped by block row.
 //   bsparse_bsr_sddmm: out (nnz_max, bm, bn), out[e] = a[:, rows[e]*bm : +bm].T @
 //     b[:, cols[e]*bn : +bn] for e < nnz, zero for padding entries.
+//   bsparse_bsr_conv: the VALID, stride-1 convolution of padded NHWC x (N, Hp, Wp, C)
+//     by block-sparse taps: y[n, h, w, g*bo : +bo] = the sum over g's entries e and taps
+//     (i, j) of x[n, h+i, w+j, src[e]*bk : +bk] @ blocks[e, i, j], blocks
+//     (nnz_max, kh, kw, bk, bo), y (N, Hp-kh+1, Wp-kw+1, G*bo). No patch matrix: each
+//     tap's term reads the input pixels in place.
+//   bsparse_bsr_conv_sddmm: the taps' gradient, out (nnz_max, kh, kw, bm, bn),
+//     out[e, i, j] = the sum over (n, h, w) of x[n, h+i, w+j, rows[e]-block].T @
+//     dy[n, h, w, cols[e]-block], with x and dy given block-major: (C/bm, N, Hp, Wp, bm)
+//     and (Cout/bn, N, Ho, Wo, bn); zero for padding entries.
 //
 // Work is split over the XLA CPU client's intra-op thread pool; the calling thread takes
 // work items too, so the kernels never wait on a pool that is busy elsewhere.
@@ -167,6 +176,36 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const F& f) {
 constexpr int64_t kRowRange = 64;   // rows of x per work item of the product
 constexpr int64_t kDepthTile = 256; // rows of a, b per pass of the sampled product
 
+// Checks the (entry, offsets) schedule of `groups` output blocks over nnz_max entries
+// whose input blocks `src` must lie below `inputs`.
+ffi::Error CheckSchedule(const char* name, const int32_t* ent, const int32_t* off,
+                         const int32_t* in, int64_t groups, int64_t nnz_max, int64_t inputs) {
+  const std::string op(name);
+  if (off[0] != 0 || off[groups] > nnz_max) {
+    return ffi::Error::InvalidArgument(op + ": offsets out of range.");
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    if (off[g + 1] < off[g]) return ffi::Error::InvalidArgument(op + ": offsets decrease.");
+  }
+  for (int64_t i = 0; i < off[groups]; ++i) {
+    if (ent[i] < 0 || ent[i] >= nnz_max || in[ent[i]] < 0 || in[ent[i]] >= inputs) {
+      return ffi::Error::InvalidArgument(op + ": block index out of range.");
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// Checks the stored block indices of entries e < count against a (m1, n1) grid.
+ffi::Error CheckEntries(const char* name, const int32_t* rp, const int32_t* cp,
+                        int64_t count, int64_t m1, int64_t n1) {
+  for (int64_t e = 0; e < count; ++e) {
+    if (rp[e] < 0 || rp[e] >= m1 || cp[e] < 0 || cp[e] >= n1) {
+      return ffi::Error::InvalidArgument(std::string(name) + ": block index out of range.");
+    }
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error BsrMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                          ffi::Buffer<ffi::F32> blocks, ffi::Buffer<ffi::S32> src,
                          ffi::Buffer<ffi::S32> entry, ffi::Buffer<ffi::S32> offsets,
@@ -184,16 +223,9 @@ ffi::Error BsrMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int32_t* ent = entry.typed_data();
   const int32_t* off = offsets.typed_data();
   const int32_t* in = src.typed_data();
-  if (off[0] != 0 || off[groups] > nnz_max) {
-    return ffi::Error::InvalidArgument("bsr_matmul: offsets out of range.");
-  }
-  for (int64_t g = 0; g < groups; ++g) {
-    if (off[g + 1] < off[g]) return ffi::Error::InvalidArgument("bsr_matmul: offsets decrease.");
-  }
-  for (int64_t i = 0; i < off[groups]; ++i) {
-    if (ent[i] < 0 || ent[i] >= nnz_max || in[ent[i]] < 0 || in[ent[i]] >= k_in / bk) {
-      return ffi::Error::InvalidArgument("bsr_matmul: block index out of range.");
-    }
+  if (auto err = CheckSchedule("bsr_matmul", ent, off, in, groups, nnz_max, k_in / bk);
+      err.failure()) {
+    return err;
   }
   const float* xp = x.typed_data();
   const float* bp = blocks.typed_data();
@@ -234,10 +266,8 @@ ffi::Error BsrSddmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
   const int32_t* rp = rows.typed_data();
   const int32_t* cp = cols.typed_data();
   const int64_t count = std::clamp<int64_t>(nnz.typed_data()[0], 0, nnz_max);
-  for (int64_t e = 0; e < count; ++e) {
-    if (rp[e] < 0 || rp[e] >= lda / bm || cp[e] < 0 || cp[e] >= ldb / bn) {
-      return ffi::Error::InvalidArgument("bsr_sddmm: block index out of range.");
-    }
+  if (auto err = CheckEntries("bsr_sddmm", rp, cp, count, lda / bm, ldb / bn); err.failure()) {
+    return err;
   }
   const float* ap = a.typed_data();
   const float* bp = b.typed_data();
@@ -265,7 +295,107 @@ ffi::Error BsrSddmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
   return ffi::Error::Success();
 }
 
-// Both kernels take the thread pool, two f32 and three s32 operands, and return f32.
+constexpr int64_t kConvPixels = 64;  // output pixels (whole rows of them) per work item
+
+ffi::Error BsrConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                       ffi::Buffer<ffi::F32> blocks, ffi::Buffer<ffi::S32> src,
+                       ffi::Buffer<ffi::S32> entry, ffi::Buffer<ffi::S32> offsets,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), bd = blocks.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || bd.size() != 5 || yd.size() != 4 || offsets.element_count() < 1) {
+    return ffi::Error::InvalidArgument("bsr_conv: x must be 4-D, blocks 5-D, y 4-D.");
+  }
+  const int64_t n = xd[0], hp = xd[1], wp = xd[2], c = xd[3];
+  const int64_t nnz_max = bd[0], kh = bd[1], kw = bd[2], bk = bd[3], bo = bd[4];
+  const int64_t groups = offsets.element_count() - 1, ho = hp - kh + 1, wo = wp - kw + 1;
+  if (yd[0] != n || yd[1] != ho || yd[2] != wo || yd[3] != groups * bo || bk == 0 ||
+      c % bk != 0 || src.element_count() != nnz_max || entry.element_count() != nnz_max) {
+    return ffi::Error::InvalidArgument("bsr_conv: inconsistent operand shapes.");
+  }
+  const int32_t* ent = entry.typed_data();
+  const int32_t* off = offsets.typed_data();
+  const int32_t* in = src.typed_data();
+  if (auto err = CheckSchedule("bsr_conv", ent, off, in, groups, nnz_max, c / bk);
+      err.failure()) {
+    return err;
+  }
+  if (n * ho * wo == 0) return ffi::Error::Success();
+  const float* xp = x.typed_data();
+  const float* bp = blocks.typed_data();
+  float* yp = y->typed_data();
+  const int64_t n_out = groups * bo, lines = n * ho;
+  const int64_t per_item = std::max<int64_t>(1, kConvPixels / wo);
+  const int64_t ranges = (lines + per_item - 1) / per_item;
+  const Strides s{c, 1, bo, bk};  // a tile's rows are neighbouring pixels
+  ParallelFor(pool, ranges * groups, [&](int64_t item) {
+    const int64_t r = item / groups, g = item % groups;
+    const int64_t n_terms = (off[g + 1] - off[g]) * kh * kw;
+    std::unique_ptr<Term[]> terms(new Term[2 * std::max<int64_t>(n_terms, 1)]);
+    for (int64_t line = r * per_item; line < std::min(lines, (r + 1) * per_item); ++line) {
+      const float* row = xp + ((line / ho) * hp + line % ho) * wp * c;  // x[n, h, 0, 0]
+      int64_t t = 0;
+      for (int64_t i = off[g]; i < off[g + 1]; ++i) {
+        const int64_t e = ent[i];
+        for (int64_t dh = 0; dh < kh; ++dh) {
+          for (int64_t dw = 0; dw < kw; ++dw) {
+            terms[t++] = {row + (dh * wp + dw) * c + in[e] * bk,
+                          bp + ((e * kh + dh) * kw + dw) * bk * bo};
+          }
+        }
+      }
+      OutputTile(terms.get(), n_terms, s, wo, bo, yp + line * wo * n_out + g * bo, n_out,
+                 /*accumulate=*/false, terms.get() + n_terms);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error BsrConvSddmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::S32> rows,
+                            ffi::Buffer<ffi::S32> cols, ffi::Buffer<ffi::S32> nnz,
+                            ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions(), dd = dy.dimensions(), od = out->dimensions();
+  if (xd.size() != 5 || dd.size() != 5 || od.size() != 5 || xd[1] != dd[1] ||
+      nnz.element_count() != 1) {
+    return ffi::Error::InvalidArgument(
+        "bsr_conv_sddmm: x and dy must be 5-D, block-major, with equal batch.");
+  }
+  const int64_t m1 = xd[0], n = xd[1], hp = xd[2], wp = xd[3], bm = xd[4];
+  const int64_t n1 = dd[0], ho = dd[2], wo = dd[3], bn = dd[4];
+  const int64_t nnz_max = od[0], kh = od[1], kw = od[2];
+  if (od[3] != bm || od[4] != bn || hp - ho + 1 != kh || wp - wo + 1 != kw || kh < 1 ||
+      kw < 1 || rows.element_count() != nnz_max || cols.element_count() != nnz_max) {
+    return ffi::Error::InvalidArgument("bsr_conv_sddmm: inconsistent operand shapes.");
+  }
+  const int32_t* rp = rows.typed_data();
+  const int32_t* cp = cols.typed_data();
+  const int64_t count = std::clamp<int64_t>(nnz.typed_data()[0], 0, nnz_max);
+  if (auto err = CheckEntries("bsr_conv_sddmm", rp, cp, count, m1, n1); err.failure()) {
+    return err;
+  }
+  const float* xp = x.typed_data();
+  const float* dp = dy.typed_data();
+  float* op = out->typed_data();
+  const int64_t taps = kh * kw, tap_size = bm * bn, lines = n * ho;
+  std::fill(op + count * taps * tap_size, op + nnz_max * taps * tap_size, 0.f);
+  // One work item per (entry, tap): a (bm, bn) tile summed over every output line, each
+  // line a term of wo pixels (a's pixels bm floats apart, b's rows bn floats apart).
+  ParallelFor(pool, count * taps, [&](int64_t item) {
+    const int64_t e = item / taps, dh = item % taps / kw, dw = item % kw;
+    const float* xb = xp + rp[e] * n * hp * wp * bm;
+    const float* db = dp + cp[e] * lines * wo * bn;
+    std::unique_ptr<Term[]> terms(new Term[2 * std::max<int64_t>(lines, 1)]);
+    for (int64_t line = 0; line < lines; ++line) {
+      const int64_t b = line / ho, h = line % ho;
+      terms[line] = {xb + ((b * hp + h + dh) * wp + dw) * bm, db + line * wo * bn};
+    }
+    OutputTile(terms.get(), lines, Strides{1, bm, bn, wo}, bm, bn, op + item * tap_size, bn,
+               /*accumulate=*/false, terms.get() + lines);
+  });
+  return ffi::Error::Success();
+}
+
+// All kernels take the thread pool, two f32 and three s32 operands, and return f32.
 auto Binding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
@@ -281,3 +411,5 @@ auto Binding() {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BsrMatmul, BsrMatmulImpl, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BsrSddmm, BsrSddmmImpl, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BsrConv, BsrConvImpl, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BsrConvSddmm, BsrConvSddmmImpl, Binding());

@@ -22,7 +22,9 @@ form before its blocks are pruned runs at dense speed until a repack shrinks its
 The gradient of the scatter, a gather of the dense weight gradient, is the stored blocks'
 gradient.
 
-``BlockSparseConv`` computes the convolution as patches (im2col) times a block-sparse
+``BlockSparseConv`` at stride 1 on the ``'cpu'`` kernels convolves in place
+(``ops.bsr_conv``): every stored block's taps read the input pixels where they lie. Otherwise it
+computes the convolution as patches (im2col) times a block-sparse
 ``(Cin*kh*kw, Cout)`` matrix: ``lax.conv_general_dilated_patches`` orders patch features
 channel-major, ``(c, h, w)``, so rows ``i*bm*kh*kw:(i+1)*bm*kh*kw`` of that matrix hold
 input-channel block ``i`` with all its taps, and the product is one ``bsr_matmul`` with
@@ -42,7 +44,7 @@ import jax.numpy as jnp
 
 from bsparse import kron
 from bsparse.kernels import bsr as bsr_lib
-from bsparse.kernels.ops import blocks_cotangent, bsr_matmul
+from bsparse.kernels.ops import blocks_cotangent, bsr_conv, bsr_matmul, convolves_in_place
 
 INDEX_COLLECTION = "bsr_index"
 Shape2 = tuple[int, int]
@@ -144,14 +146,18 @@ def slab_rows(out_rows: int, row_bytes: int, budget: int | None = None) -> int:
 
 
 def conv(x, w: bsr_lib.BSR, taps: Sequence[int], strides: Sequence[int], padding,
-         impl: str | None = None, patch_bytes: int | None = None) -> jax.Array:
+         impl: str | None = None, patch_bytes: int | None = None,
+         in_place: bool = True) -> jax.Array:
   """``patches(x) @ W`` for NHWC ``x`` and the ``(C*kh*kw, Cout)`` weight: ``(N, Ho, Wo, Cout)``.
 
-  Where the whole patch matrix would pass ``patch_bytes`` (default ``PATCH_BYTES``), the
-  forward and backward passes build and multiply it a slab of output rows at a time
-  (``_in_slabs``).
+  At stride 1 on the ``'cpu'`` kernels (and ``in_place``) no patch matrix is built:
+  ``ops.bsr_conv`` reads each tap's pixels in place. Otherwise, where the whole patch
+  matrix would pass ``patch_bytes`` (default ``PATCH_BYTES``), the forward and backward
+  passes build and multiply it a slab of output rows at a time (``_in_slabs``).
   """
   x = _pad(x, taps, strides, padding)
+  if in_place and convolves_in_place(impl, w, x.dtype, strides):
+    return bsr_conv(x, w, taps)
   ho, wo = _out_size(x, taps, strides)
   rows = slab_rows(ho, x.shape[0] * wo * w.shape[0] * x.dtype.itemsize, patch_bytes)
   if rows == ho:

@@ -187,3 +187,51 @@ def blocks_cotangent(w: bsr_lib.BSR, dblocks: jax.Array) -> bsr_lib.BSR:
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def convolves_in_place(impl: str | None, w: bsr_lib.BSR, dtype, strides) -> bool:
+  """Whether ``bsr_conv`` takes a convolution: stride 1 on the ``'cpu'`` kernels."""
+  return tuple(strides) == (1, 1) and resolve_impl(impl, w, dtype) == "cpu"
+
+
+def bsr_conv(x: jax.Array, w: bsr_lib.BSR, taps) -> jax.Array:
+  """The VALID, stride-1 convolution of padded NHWC ``x`` ``(N, Hp, Wp, Cin)`` by the
+  block-sparse taps of ``w``, the ``(Cin*kh*kw, Cout)`` weight of a ``BlockSparseConv``,
+  with the ``'cpu'`` kernels, which read each tap's input pixels in place: no patch matrix
+  in either pass (``convolves_in_place`` says when it applies).
+
+  Its gradient: ``dx`` is the convolution of ``dy`` padded by ``(kh-1, kw-1)`` by the
+  flipped, transposed taps; each stored block's gradient sums ``x[.., rows[k]].T @
+  dy[.., cols[k]]`` over the pixels, per tap. Inside ``split_batch`` both run on each
+  device's images, the block gradient summed over devices.
+
+  Returns ``(N, Hp-kh+1, Wp-kw+1, Cout)`` in ``x.dtype``.
+  """
+  return _conv(tuple(int(t) for t in taps), _split_for(x.shape[0]), x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _conv(taps, split, x, w):
+  return _per_shard(lambda x, w: cpu.conv(x, w, taps), split, (True, False), True)(x, w)
+
+
+def _conv_fwd(taps, split, x, w):
+  return _conv(taps, split, x, w), (x, w)
+
+
+def _conv_bwd(taps, split, res, dy):
+  x, w = res
+  (kh, kw) = taps
+  pad = ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0))
+  back = lambda dy, w: cpu.conv(jnp.pad(dy, pad), w, taps, transpose=True)
+  dx = _per_shard(back, split, (True, False), True)(dy, w)
+
+  def sampled(x, dy, w):  # this device's images' share of every stored block's gradient
+    d = cpu.conv_sddmm(x, dy, w, taps)
+    return d if split is None else jax.lax.psum(d, split[1])
+
+  dblocks = _per_shard(sampled, split, (True, True, False), False)(x, dy, w)
+  return dx.astype(x.dtype), blocks_cotangent(w, dblocks.astype(w.blocks.dtype))
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
