@@ -188,6 +188,7 @@ def test_conv_in_slabs_matches_lax_conv_forward_and_gradients(monkeypatch, impl,
     (8, 12, (4, 6), (3, 2), (6, 11), "VALID", [[0, 0], [1, 1]]),  # an empty input block
     (6, 10, (2, 5), (1, 1), (5, 4), "SAME", [[1, 0], [0, 0], [0, 1]]),
     (3, 7, (1, 7), (5, 5), (8, 9), ((2, 0), (1, 3)), [[1], [0], [1]]),
+    (8, 12, (4, 6), (3, 3), (9, 8), ((3, -1), (-1, 2)), [[1, 1], [0, 1]]),  # beyond a tap
     (16, 16, (16, 16), (2, 3), (1, 13), "SAME", [[1]])])  # a full grid: no padding
 def test_conv_in_place_matches_lax_conv_forward_and_gradients(cin, cout, block, taps, hw,
                                                               padding, mask):

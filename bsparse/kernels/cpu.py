@@ -28,6 +28,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 from bsparse.kernels import bsr as bsr_lib
 
@@ -116,12 +117,13 @@ def supports(w: bsr_lib.BSR, dtype, interpret: bool = False) -> bool:
           and jnp.finfo(dtype).bits <= 32 and available())
 
 
-def _call(target: str, shape, *args) -> jax.Array:
+def _call(target: str, shape, *args, **attrs) -> jax.Array:
   error = _load()
   if error is not None:
     raise error
   out = jax.ShapeDtypeStruct(shape, jnp.float32)
-  return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*args)
+  attrs = {k: np.int64(v) for k, v in attrs.items()}
+  return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*args, **attrs)
 
 
 def matmul(x: jax.Array, w: bsr_lib.BSR, transpose: bool = False,
@@ -168,43 +170,47 @@ def patch_blocks(taps: jax.Array) -> jax.Array:
   return jnp.moveaxis(taps, 3, 1).reshape(nnz_max, bm * kh * kw, bn)
 
 
-def conv(x: jax.Array, w: bsr_lib.BSR, taps, transpose: bool = False) -> jax.Array:
-  """The VALID, stride-1 convolution of padded NHWC ``x`` by the taps of ``w``, read in
-  place (no patch matrix).
+def conv(x: jax.Array, w: bsr_lib.BSR, taps, pad, out_hw, transpose: bool = False
+         ) -> jax.Array:
+  """The stride-1 convolution of NHWC ``x`` by the taps of ``w``, zero-padded by ``pad =
+  (top, left)`` (each below its tap count; below and right as far as ``out_hw`` asks),
+  read in place: no patch matrix, no padded copy of ``x``.
 
   Args:
-    x: ``(N, Hp, Wp, Cin)``, or with ``transpose`` ``(N, Hp, Wp, Cout)``.
+    x: ``(N, H, W, Cin)``, or with ``transpose`` ``(N, H, W, Cout)``.
     w: the ``(Cin*kh*kw, Cout)`` weight of a ``BlockSparseConv``.
     taps: ``(kh, kw)``.
+    out_hw: ``(Ho, Wo)``.
     transpose: convolve by the transposed, flipped taps instead (``Cout`` to ``Cin``): the
-      input gradient when ``x`` is the output gradient padded by ``(kh-1, kw-1)``.
+      input gradient of a convolution padded by ``(pt, pl)`` when ``x`` is its output
+      gradient and ``pad`` is ``(kh-1-pt, kw-1-pl)``.
   Returns:
-    ``(N, Hp-kh+1, Wp-kw+1, Cout)`` (``Cin`` with ``transpose``) in ``x.dtype``.
+    ``(N, Ho, Wo, Cout)`` (``Cin`` with ``transpose``) in ``x.dtype``.
   """
   blocks, src = tap_blocks(w, taps), w.rows
   if transpose:
     blocks, src = jnp.swapaxes(blocks[:, ::-1, ::-1], 3, 4), w.cols
   entry, offsets = bsr_lib.group_offsets(w, transpose)
-  (n, hp, wp, _), (kh, kw) = x.shape, taps
-  shape = (n, hp - kh + 1, wp - kw + 1, (offsets.shape[0] - 1) * blocks.shape[-1])
+  shape = (x.shape[0], *out_hw, (offsets.shape[0] - 1) * blocks.shape[-1])
   y = _call("bsparse_bsr_conv", shape, x.astype(jnp.float32), blocks.astype(jnp.float32),
-            src, entry, offsets)
+            src, entry, offsets, pad_top=int(pad[0]), pad_left=int(pad[1]))
   return y.astype(x.dtype)
 
 
-def conv_sddmm(x: jax.Array, dy: jax.Array, w: bsr_lib.BSR, taps) -> jax.Array:
-  """The gradient of ``conv`` for the stored blocks: ``(nnz_max, bm*kh*kw, bn)`` f32 in the
-  layout of ``w.blocks`` (zero for padding).
+def conv_sddmm(x: jax.Array, dy: jax.Array, w: bsr_lib.BSR, taps, pad) -> jax.Array:
+  """The gradient of ``conv`` (padded by ``pad``) for the stored blocks:
+  ``(nnz_max, bm*kh*kw, bn)`` f32 in the layout of ``w.blocks`` (zero for padding).
 
   Args:
-    x: the padded input ``(N, Hp, Wp, Cin)``; dy: ``(N, Hp-kh+1, Wp-kw+1, Cout)``.
+    x: the input ``(N, H, W, Cin)``; dy: the output gradient ``(N, Ho, Wo, Cout)``.
   """
-  (m1, n1), (kh, kw) = w.grid, taps
-  bm, bn = w.block_shape[0] // (kh * kw), w.block_shape[1]
+  (kh, kw), bn = taps, w.block_shape[1]
+  bm = w.block_shape[0] // (kh * kw)
 
   def block_major(a, width):  # (N, H, W, C) -> (C/width, N, H, W, width)
     return jnp.moveaxis(a.astype(jnp.float32).reshape(*a.shape[:3], -1, width), 3, 0)
 
   out = _call("bsparse_bsr_conv_sddmm", (w.nnz_max, kh, kw, bm, bn), block_major(x, bm),
-              block_major(dy, bn), w.rows, w.cols, w.nnz.reshape(1))
+              block_major(dy, bn), w.rows, w.cols, w.nnz.reshape(1),
+              pad_top=int(pad[0]), pad_left=int(pad[1]))
   return patch_blocks(out)

@@ -13,15 +13,17 @@
 //     and cols, grouped by block row.
 //   bsparse_bsr_sddmm: out (nnz_max, bm, bn), out[e] = a[:, rows[e]*bm : +bm].T @
 //     b[:, cols[e]*bn : +bn] for e < nnz, zero for padding entries.
-//   bsparse_bsr_conv: the VALID, stride-1 convolution of padded NHWC x (N, Hp, Wp, C)
-//     by block-sparse taps: y[n, h, w, g*bo : +bo] = the sum over g's entries e and taps
-//     (i, j) of x[n, h+i, w+j, src[e]*bk : +bk] @ blocks[e, i, j], blocks
-//     (nnz_max, kh, kw, bk, bo), y (N, Hp-kh+1, Wp-kw+1, G*bo). No patch matrix: each
-//     tap's term reads the input pixels in place.
+//   bsparse_bsr_conv: a stride-1 convolution of NHWC x (N, H, W, C) by block-sparse
+//     taps, zero-padded by pad_top rows and pad_left columns (and below and right as far
+//     as y's size asks): y[n, h, w, g*bo : +bo] = the sum over g's entries e and taps
+//     (i, j) of xpad[n, h+i, w+j, src[e]*bk : +bk] @ blocks[e, i, j], blocks
+//     (nnz_max, kh, kw, bk, bo), y (N, Ho, Wo, G*bo). No patch matrix and no padded copy
+//     of x: each line of output pixels copies the kh input rows it reads into a padded
+//     window, and each tap's term reads that window in place.
 //   bsparse_bsr_conv_sddmm: the taps' gradient, out (nnz_max, kh, kw, bm, bn),
-//     out[e, i, j] = the sum over (n, h, w) of x[n, h+i, w+j, rows[e]-block].T @
-//     dy[n, h, w, cols[e]-block], with x and dy given block-major: (C/bm, N, Hp, Wp, bm)
-//     and (Cout/bn, N, Ho, Wo, bn); zero for padding entries.
+//     out[e, i, j] = the sum over (n, h, w) of xpad[n, h+i, w+j, rows[e]-block].T @
+//     dy[n, h, w, cols[e]-block], with x and dy given block-major: (C/bm, N, H, W, bm)
+//     and (Cout/bn, N, Ho, Wo, bn), padded as bsparse_bsr_conv; zero for padding entries.
 //
 // Work is split over the XLA CPU client's intra-op thread pool; the calling thread takes
 // work items too, so the kernels never wait on a pool that is busy elsewhere.
@@ -122,18 +124,32 @@ void Rows(const Term* terms, int64_t n_terms, const Strides& s, int64_t width,
 }
 
 constexpr int kMR = 6;  // rows per register tile (6 x 16 floats = 12 AVX registers)
+constexpr int kNarrowMR = 16;  // rows per tile when it is at most 4 floats wide
 
 // An output tile of `rows` x `width`: row r's terms start at term.a + r*s.sr. `shifted`
-// is scratch for n_terms terms (the terms moved to each row tile).
+// is scratch for n_terms terms (the terms moved to each row tile). With `tall`, a tile at
+// most 4 columns wide takes up to kNarrowMR rows in one register tile.
 void OutputTile(const Term* terms, int64_t n_terms, const Strides& s, int64_t rows,
-                int64_t width, float* out, int64_t ldo, bool accumulate, Term* shifted) {
+                int64_t width, float* out, int64_t ldo, bool accumulate, Term* shifted,
+                bool tall = false) {
   for (int64_t r0 = 0, mr; r0 < rows; r0 += mr) {
     // 7-9 rows left: two tiles of 3-5 rather than a full one and a thin one.
     const int64_t left = rows - r0;
     mr = (left > kMR && left < kMR + 4) ? (left + 1) / 2 : std::min<int64_t>(kMR, left);
+    if (tall && width <= 4 && left <= kNarrowMR) mr = left;
     for (int64_t i = 0; i < n_terms; ++i) shifted[i] = {terms[i].a + r0 * s.sr, terms[i].b};
     float* o = out + r0 * ldo;
     switch (mr) {
+      case 16: Rows<16>(shifted, n_terms, s, width, o, ldo, accumulate); break;
+      case 15: Rows<15>(shifted, n_terms, s, width, o, ldo, accumulate); break;
+      case 14: Rows<14>(shifted, n_terms, s, width, o, ldo, accumulate); break;
+      case 13: Rows<13>(shifted, n_terms, s, width, o, ldo, accumulate); break;
+      case 12: Rows<12>(shifted, n_terms, s, width, o, ldo, accumulate); break;
+      case 11: Rows<11>(shifted, n_terms, s, width, o, ldo, accumulate); break;
+      case 10: Rows<10>(shifted, n_terms, s, width, o, ldo, accumulate); break;
+      case 9: Rows<9>(shifted, n_terms, s, width, o, ldo, accumulate); break;
+      case 8: Rows<8>(shifted, n_terms, s, width, o, ldo, accumulate); break;
+      case 7: Rows<7>(shifted, n_terms, s, width, o, ldo, accumulate); break;
       case 6: Rows<6>(shifted, n_terms, s, width, o, ldo, accumulate); break;
       case 5: Rows<5>(shifted, n_terms, s, width, o, ldo, accumulate); break;
       case 4: Rows<4>(shifted, n_terms, s, width, o, ldo, accumulate); break;
@@ -295,22 +311,25 @@ ffi::Error BsrSddmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
   return ffi::Error::Success();
 }
 
-constexpr int64_t kConvPixels = 64;  // output pixels (whole rows of them) per work item
+constexpr int64_t kConvPixels = 64;  // output pixels (whole lines of them) per work item
 
 ffi::Error BsrConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                        ffi::Buffer<ffi::F32> blocks, ffi::Buffer<ffi::S32> src,
                        ffi::Buffer<ffi::S32> entry, ffi::Buffer<ffi::S32> offsets,
-                       ffi::ResultBuffer<ffi::F32> y) {
+                       ffi::ResultBuffer<ffi::F32> y, int64_t pad_top, int64_t pad_left) {
   const auto xd = x.dimensions(), bd = blocks.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || bd.size() != 5 || yd.size() != 4 || offsets.element_count() < 1) {
     return ffi::Error::InvalidArgument("bsr_conv: x must be 4-D, blocks 5-D, y 4-D.");
   }
-  const int64_t n = xd[0], hp = xd[1], wp = xd[2], c = xd[3];
+  const int64_t n = xd[0], h_in = xd[1], w_in = xd[2], c = xd[3];
   const int64_t nnz_max = bd[0], kh = bd[1], kw = bd[2], bk = bd[3], bo = bd[4];
-  const int64_t groups = offsets.element_count() - 1, ho = hp - kh + 1, wo = wp - kw + 1;
-  if (yd[0] != n || yd[1] != ho || yd[2] != wo || yd[3] != groups * bo || bk == 0 ||
-      c % bk != 0 || src.element_count() != nnz_max || entry.element_count() != nnz_max) {
+  const int64_t groups = offsets.element_count() - 1, ho = yd[1], wo = yd[2];
+  if (yd[0] != n || yd[3] != groups * bo || bk == 0 || c % bk != 0 ||
+      src.element_count() != nnz_max || entry.element_count() != nnz_max) {
     return ffi::Error::InvalidArgument("bsr_conv: inconsistent operand shapes.");
+  }
+  if (pad_top < 0 || pad_top >= kh || pad_left < 0 || pad_left >= kw) {
+    return ffi::Error::InvalidArgument("bsr_conv: padding must lie in [0, taps).");
   }
   const int32_t* ent = entry.typed_data();
   const int32_t* off = offsets.typed_data();
@@ -323,28 +342,47 @@ ffi::Error BsrConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* xp = x.typed_data();
   const float* bp = blocks.typed_data();
   float* yp = y->typed_data();
-  const int64_t n_out = groups * bo, lines = n * ho;
+  const int64_t n_out = groups * bo, lines = n * ho, wp = wo + kw - 1;
+  const int64_t copied = std::max<int64_t>(0, std::min(w_in, wp - pad_left));
   const int64_t per_item = std::max<int64_t>(1, kConvPixels / wo);
   const int64_t ranges = (lines + per_item - 1) / per_item;
   const Strides s{c, 1, bo, bk};  // a tile's rows are neighbouring pixels
-  ParallelFor(pool, ranges * groups, [&](int64_t item) {
-    const int64_t r = item / groups, g = item % groups;
-    const int64_t n_terms = (off[g + 1] - off[g]) * kh * kw;
-    std::unique_ptr<Term[]> terms(new Term[2 * std::max<int64_t>(n_terms, 1)]);
+  int64_t most = 1;  // the most terms of one output block
+  for (int64_t g = 0; g < groups; ++g) most = std::max<int64_t>(most, off[g + 1] - off[g]);
+  most *= kh * kw;
+  // A work item writes whole output lines (every group): narrow output blocks of one
+  // pixel share cache lines, which two threads writing them would pass back and forth.
+  ParallelFor(pool, ranges, [&](int64_t r) {
+    std::unique_ptr<Term[]> terms(new Term[2 * most]);
+    // The kh input rows a line reads, zero-padded to wp pixels: window[dh] holds input
+    // row h + dh - pad_top at columns [pad_left, pad_left + w_in).
+    std::unique_ptr<float[]> window(new float[kh * wp * c]());
+    std::unique_ptr<bool[]> inside(new bool[kh]);
     for (int64_t line = r * per_item; line < std::min(lines, (r + 1) * per_item); ++line) {
-      const float* row = xp + ((line / ho) * hp + line % ho) * wp * c;  // x[n, h, 0, 0]
-      int64_t t = 0;
-      for (int64_t i = off[g]; i < off[g + 1]; ++i) {
-        const int64_t e = ent[i];
-        for (int64_t dh = 0; dh < kh; ++dh) {
-          for (int64_t dw = 0; dw < kw; ++dw) {
-            terms[t++] = {row + (dh * wp + dw) * c + in[e] * bk,
-                          bp + ((e * kh + dh) * kw + dw) * bk * bo};
-          }
+      const int64_t b = line / ho, h = line % ho;
+      for (int64_t dh = 0; dh < kh; ++dh) {
+        const int64_t ih = h + dh - pad_top;
+        inside[dh] = ih >= 0 && ih < h_in;
+        if (inside[dh] && copied > 0) {
+          std::memcpy(window.get() + (dh * wp + pad_left) * c,
+                      xp + ((b * h_in + ih) * w_in) * c, copied * c * sizeof(float));
         }
       }
-      OutputTile(terms.get(), n_terms, s, wo, bo, yp + line * wo * n_out + g * bo, n_out,
-                 /*accumulate=*/false, terms.get() + n_terms);
+      for (int64_t g = 0; g < groups; ++g) {
+        int64_t t = 0;
+        for (int64_t i = off[g]; i < off[g + 1]; ++i) {
+          const int64_t e = ent[i];
+          for (int64_t dh = 0; dh < kh; ++dh) {
+            if (!inside[dh]) continue;  // a padding row adds nothing
+            for (int64_t dw = 0; dw < kw; ++dw) {
+              terms[t++] = {window.get() + (dh * wp + dw) * c + in[e] * bk,
+                            bp + ((e * kh + dh) * kw + dw) * bk * bo};
+            }
+          }
+        }
+        OutputTile(terms.get(), t, s, wo, bo, yp + line * wo * n_out + g * bo, n_out,
+                   /*accumulate=*/false, terms.get() + most, /*tall=*/true);
+      }
     }
   });
   return ffi::Error::Success();
@@ -353,19 +391,23 @@ ffi::Error BsrConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 ffi::Error BsrConvSddmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::S32> rows,
                             ffi::Buffer<ffi::S32> cols, ffi::Buffer<ffi::S32> nnz,
-                            ffi::ResultBuffer<ffi::F32> out) {
+                            ffi::ResultBuffer<ffi::F32> out, int64_t pad_top,
+                            int64_t pad_left) {
   const auto xd = x.dimensions(), dd = dy.dimensions(), od = out->dimensions();
   if (xd.size() != 5 || dd.size() != 5 || od.size() != 5 || xd[1] != dd[1] ||
       nnz.element_count() != 1) {
     return ffi::Error::InvalidArgument(
         "bsr_conv_sddmm: x and dy must be 5-D, block-major, with equal batch.");
   }
-  const int64_t m1 = xd[0], n = xd[1], hp = xd[2], wp = xd[3], bm = xd[4];
+  const int64_t m1 = xd[0], n = xd[1], h_in = xd[2], w_in = xd[3], bm = xd[4];
   const int64_t n1 = dd[0], ho = dd[2], wo = dd[3], bn = dd[4];
   const int64_t nnz_max = od[0], kh = od[1], kw = od[2];
-  if (od[3] != bm || od[4] != bn || hp - ho + 1 != kh || wp - wo + 1 != kw || kh < 1 ||
-      kw < 1 || rows.element_count() != nnz_max || cols.element_count() != nnz_max) {
+  if (od[3] != bm || od[4] != bn || kh < 1 || kw < 1 || rows.element_count() != nnz_max ||
+      cols.element_count() != nnz_max) {
     return ffi::Error::InvalidArgument("bsr_conv_sddmm: inconsistent operand shapes.");
+  }
+  if (pad_top < 0 || pad_top >= kh || pad_left < 0 || pad_left >= kw) {
+    return ffi::Error::InvalidArgument("bsr_conv_sddmm: padding must lie in [0, taps).");
   }
   const int32_t* rp = rows.typed_data();
   const int32_t* cp = cols.typed_data();
@@ -379,23 +421,31 @@ ffi::Error BsrConvSddmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t taps = kh * kw, tap_size = bm * bn, lines = n * ho;
   std::fill(op + count * taps * tap_size, op + nnz_max * taps * tap_size, 0.f);
   // One work item per (entry, tap): a (bm, bn) tile summed over every output line, each
-  // line a term of wo pixels (a's pixels bm floats apart, b's rows bn floats apart).
+  // line a term over the pixels whose input pixel lies inside x, the same for every line
+  // of the tap (a's pixels bm floats apart, b's rows bn floats apart).
   ParallelFor(pool, count * taps, [&](int64_t item) {
     const int64_t e = item / taps, dh = item % taps / kw, dw = item % kw;
-    const float* xb = xp + rp[e] * n * hp * wp * bm;
+    const float* xb = xp + rp[e] * n * h_in * w_in * bm;
     const float* db = dp + cp[e] * lines * wo * bn;
+    // Output pixels [w0, w1) read input pixels w + dw - pad_left inside [0, w_in).
+    const int64_t w0 = std::max<int64_t>(0, pad_left - dw);
+    const int64_t w1 = std::min<int64_t>(wo, w_in + pad_left - dw);
     std::unique_ptr<Term[]> terms(new Term[2 * std::max<int64_t>(lines, 1)]);
-    for (int64_t line = 0; line < lines; ++line) {
-      const int64_t b = line / ho, h = line % ho;
-      terms[line] = {xb + ((b * hp + h + dh) * wp + dw) * bm, db + line * wo * bn};
+    int64_t t = 0;
+    for (int64_t line = 0; line < lines && w1 > w0; ++line) {
+      const int64_t b = line / ho, ih = line % ho + dh - pad_top;
+      if (ih < 0 || ih >= h_in) continue;
+      terms[t++] = {xb + ((b * h_in + ih) * w_in + w0 + dw - pad_left) * bm,
+                    db + (line * wo + w0) * bn};
     }
-    OutputTile(terms.get(), lines, Strides{1, bm, bn, wo}, bm, bn, op + item * tap_size, bn,
+    OutputTile(terms.get(), t, Strides{1, bm, bn, w1 - w0}, bm, bn, op + item * tap_size, bn,
                /*accumulate=*/false, terms.get() + lines);
   });
   return ffi::Error::Success();
 }
 
-// All kernels take the thread pool, two f32 and three s32 operands, and return f32.
+// All kernels take the thread pool, two f32 and three s32 operands, and return f32 (the
+// convolutions also their padding).
 auto Binding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
@@ -411,5 +461,7 @@ auto Binding() {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BsrMatmul, BsrMatmulImpl, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BsrSddmm, BsrSddmmImpl, Binding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BsrConv, BsrConvImpl, Binding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BsrConvSddmm, BsrConvSddmmImpl, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BsrConv, BsrConvImpl,
+                              Binding().Attr<int64_t>("pad_top").Attr<int64_t>("pad_left"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BsrConvSddmm, BsrConvSddmmImpl,
+                              Binding().Attr<int64_t>("pad_top").Attr<int64_t>("pad_left"));

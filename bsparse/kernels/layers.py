@@ -106,11 +106,16 @@ def computes_dense(nnz_max: int, grid: Shape2, dense_from: float | None) -> bool
   return dense_from is not None and nnz_max >= dense_from * grid[0] * grid[1]
 
 
+def _pads(x, taps: Sequence[int], strides: Sequence[int], padding):
+  """The ``((top, bottom), (left, right))`` padding of NHWC ``x`` for ``padding`` (a string
+  or explicit pairs)."""
+  return tuple(map(tuple, jax.lax.padtype_to_pads(x.shape[1:3], taps, strides, padding)
+                   if isinstance(padding, str) else padding))
+
+
 def _pad(x, taps: Sequence[int], strides: Sequence[int], padding) -> jax.Array:
   """``x`` (NHWC) with the spatial padding of ``padding`` (a string or explicit pairs)."""
-  pads = jax.lax.padtype_to_pads(x.shape[1:3], taps, strides, padding) \
-      if isinstance(padding, str) else padding
-  return jnp.pad(x, [(0, 0), *pads, (0, 0)])
+  return jnp.pad(x, [(0, 0), *_pads(x, taps, strides, padding), (0, 0)])
 
 
 def _out_size(x, taps: Sequence[int], strides: Sequence[int]) -> tuple[int, int]:
@@ -155,9 +160,9 @@ def conv(x, w: bsr_lib.BSR, taps: Sequence[int], strides: Sequence[int], padding
   matrix would pass ``patch_bytes`` (default ``PATCH_BYTES``), the forward and backward
   passes build and multiply it a slab of output rows at a time (``_in_slabs``).
   """
-  x = _pad(x, taps, strides, padding)
   if in_place and convolves_in_place(impl, w, x.dtype, strides):
-    return bsr_conv(x, w, taps)
+    return bsr_conv(x, w, taps, _pads(x, taps, strides, padding))
+  x = _pad(x, taps, strides, padding)
   ho, wo = _out_size(x, taps, strides)
   rows = slab_rows(ho, x.shape[0] * wo * w.shape[0] * x.dtype.itemsize, patch_bytes)
   if rows == ho:

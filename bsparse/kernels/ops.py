@@ -194,40 +194,52 @@ def convolves_in_place(impl: str | None, w: bsr_lib.BSR, dtype, strides) -> bool
   return tuple(strides) == (1, 1) and resolve_impl(impl, w, dtype) == "cpu"
 
 
-def bsr_conv(x: jax.Array, w: bsr_lib.BSR, taps) -> jax.Array:
-  """The VALID, stride-1 convolution of padded NHWC ``x`` ``(N, Hp, Wp, Cin)`` by the
-  block-sparse taps of ``w``, the ``(Cin*kh*kw, Cout)`` weight of a ``BlockSparseConv``,
-  with the ``'cpu'`` kernels, which read each tap's input pixels in place: no patch matrix
-  in either pass (``convolves_in_place`` says when it applies).
+def bsr_conv(x: jax.Array, w: bsr_lib.BSR, taps, padding) -> jax.Array:
+  """The stride-1 convolution of NHWC ``x`` ``(N, H, W, Cin)`` by the block-sparse taps of
+  ``w``, the ``(Cin*kh*kw, Cout)`` weight of a ``BlockSparseConv``, zero-padded by
+  ``padding`` ``((top, bottom), (left, right))`` (as ``lax.conv_general_dilated``'s), with
+  the ``'cpu'`` kernels: each output line copies the input rows it reads into a padded
+  window and every tap reads it in place, so neither a patch matrix nor a padded copy of
+  ``x`` is built (``convolves_in_place`` says when it applies).
 
-  Its gradient: ``dx`` is the convolution of ``dy`` padded by ``(kh-1, kw-1)`` by the
-  flipped, transposed taps; each stored block's gradient sums ``x[.., rows[k]].T @
-  dy[.., cols[k]]`` over the pixels, per tap. Inside ``split_batch`` both run on each
+  Its gradient: ``dx`` is the convolution of ``dy`` by the flipped, transposed taps,
+  padded by ``(kh-1-top, kw-1-left)``; each stored block's gradient sums ``x[.., rows[k]].T
+  @ dy[.., cols[k]]`` over the pixels, per tap. Inside ``split_batch`` both run on each
   device's images, the block gradient summed over devices.
 
-  Returns ``(N, Hp-kh+1, Wp-kw+1, Cout)`` in ``x.dtype``.
+  Returns ``(N, H+top+bottom-kh+1, W+left+right-kw+1, Cout)`` in ``x.dtype``.
   """
-  return _conv(tuple(int(t) for t in taps), _split_for(x.shape[0]), x, w)
+  taps = tuple(int(t) for t in taps)
+  (top, bottom), (left, right) = ((int(a), int(b)) for a, b in padding)
+  out_hw = (x.shape[1] + top + bottom - taps[0] + 1, x.shape[2] + left + right - taps[1] + 1)
+  # The kernels pad by less than a tap's reach at the top and left; XLA pads (or crops)
+  # what lies beyond.
+  inner = (min(max(top, 0), taps[0] - 1), min(max(left, 0), taps[1] - 1))
+  outer = (top - inner[0], left - inner[1])
+  if outer != (0, 0):
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                    ((0, 0, 0), (outer[0], 0, 0), (outer[1], 0, 0), (0, 0, 0)))
+  return _conv(taps, inner, out_hw, _split_for(x.shape[0]), x, w)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _conv(taps, split, x, w):
-  return _per_shard(lambda x, w: cpu.conv(x, w, taps), split, (True, False), True)(x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _conv(taps, pad, out_hw, split, x, w):
+  product = lambda x, w: cpu.conv(x, w, taps, pad, out_hw)
+  return _per_shard(product, split, (True, False), True)(x, w)
 
 
-def _conv_fwd(taps, split, x, w):
-  return _conv(taps, split, x, w), (x, w)
+def _conv_fwd(taps, pad, out_hw, split, x, w):
+  return _conv(taps, pad, out_hw, split, x, w), (x, w)
 
 
-def _conv_bwd(taps, split, res, dy):
+def _conv_bwd(taps, pad, out_hw, split, res, dy):
   x, w = res
-  (kh, kw) = taps
-  pad = ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0))
-  back = lambda dy, w: cpu.conv(jnp.pad(dy, pad), w, taps, transpose=True)
+  back_pad = (taps[0] - 1 - pad[0], taps[1] - 1 - pad[1])
+  back = lambda dy, w: cpu.conv(dy, w, taps, back_pad, x.shape[1:3], transpose=True)
   dx = _per_shard(back, split, (True, False), True)(dy, w)
 
   def sampled(x, dy, w):  # this device's images' share of every stored block's gradient
-    d = cpu.conv_sddmm(x, dy, w, taps)
+    d = cpu.conv_sddmm(x, dy, w, taps, pad)
     return d if split is None else jax.lax.psum(d, split[1])
 
   dblocks = _per_shard(sampled, split, (True, True, False), False)(x, dy, w)
