@@ -14,25 +14,57 @@ import numpy as np  # noqa: E402
 from bsparse import kron, metric_writers, sparsity  # noqa: E402
 
 
+def block_norms(params) -> dict[str, tuple[np.ndarray, tuple[int, int]]]:
+  """Per KPD term (its ``/``-joined path): the ``(m1, n1)`` block norms
+  ``|S_ij| * ||sum_k A_kij B_k||``, NaN where ``S`` is zero (a pruned block), and the
+  block shape ``(m2, n2)``."""
+  flat = tu.flatten_dict(params)
+  out = {}
+  for term in sparsity.term_paths(params):
+    s, a, b = (np.asarray(flat[term + (k,)]) for k in "SAB")
+    norms = np.asarray(kron.block_norms(s, a, b), np.float32)
+    out["/".join(term)] = (np.where(s != 0, norms, np.nan), tuple(b.shape[1:]))
+  return out
+
+
+def save_block_norms(params, path: str) -> None:
+  """Writes ``block_norms(params)`` to an ``.npz`` file (atomically), for ``plot_run`` to
+  draw once the run ends."""
+  arrays = {}
+  for name, (norms, block) in block_norms(params).items():
+    arrays[f"norms/{name}"], arrays[f"block/{name}"] = norms, np.asarray(block)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    np.savez(f, **arrays)
+  os.replace(tmp, path)
+
+
+def load_block_norms(path: str) -> dict[str, tuple[np.ndarray, tuple[int, int]]]:
+  """What ``save_block_norms`` wrote."""
+  with np.load(path) as data:
+    names = [k.removeprefix("norms/") for k in data.files if k.startswith("norms/")]
+    return {n: (data[f"norms/{n}"], tuple(int(v) for v in data[f"block/{n}"])) for n in names}
+
+
 def plot_masks(params, path: str) -> str | None:
   """One panel per KPD term: block norms ``|S_ij| * ||sum_k A_kij B_k||`` (0 = pruned)."""
-  flat = tu.flatten_dict(params)
-  terms = sparsity.term_paths(params)
-  if not terms:
+  return plot_block_norms(block_norms(params), path)
+
+
+def plot_block_norms(norms: dict, path: str) -> str | None:
+  """Draws ``block_norms``' panels (blank = pruned block); None when there are none."""
+  if not norms:
     return None
-  cols = min(4, len(terms))
-  rows = math.ceil(len(terms) / cols)
+  cols = min(4, len(norms))
+  rows = math.ceil(len(norms) / cols)
   fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
-  for ax, term in zip(axes.flat, terms):
-    s, a, b = (np.asarray(flat[term + (k,)]) for k in "SAB")
-    norms = np.asarray(kron.block_norms(s, a, b))
-    ax.imshow(np.where(s != 0, norms, np.nan), cmap="viridis", interpolation="nearest",
-              aspect="auto")
-    ax.set_title(f"{'/'.join(term)}\nblocks {b.shape[1]}x{b.shape[2]}, "
-                 f"density {np.mean(s != 0):.2f}", fontsize=8)
+  for ax, (name, (grid, block)) in zip(axes.flat, norms.items()):
+    ax.imshow(grid, cmap="viridis", interpolation="nearest", aspect="auto")
+    ax.set_title(f"{name}\nblocks {block[0]}x{block[1]}, "
+                 f"density {np.mean(~np.isnan(grid)):.2f}", fontsize=8)
     ax.set_xlabel("output block")
     ax.set_ylabel("input block")
-  for ax in list(axes.flat)[len(terms):]:
+  for ax in list(axes.flat)[len(norms):]:
     ax.axis("off")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -77,7 +109,17 @@ def plot_trajectories(workdir: str, path: str) -> str | None:
   return path
 
 
+SWITCH_NORMS = "masks.npz"
+
+
 def plot_run(workdir: str, params) -> list[str]:
-  out = [plot_masks(params, os.path.join(workdir, "masks.png")),
+  """``masks.png`` and ``trajectories.png`` in ``workdir``. The masks are those of
+  ``params`` or, once a run has switched to block-sparse form (no KPD terms left), the
+  block norms it saved at the switch (``SWITCH_NORMS``)."""
+  norms = block_norms(params)
+  saved = os.path.join(workdir, SWITCH_NORMS)
+  if not norms and os.path.exists(saved):
+    norms = load_block_norms(saved)
+  out = [plot_block_norms(norms, os.path.join(workdir, "masks.png")),
          plot_trajectories(workdir, os.path.join(workdir, "trajectories.png"))]
   return [p for p in out if p]

@@ -567,8 +567,8 @@ def _switcher(config, workdir: str, build: Callable[..., Program]) -> Transition
     state = program.steps.put_state(state.replace(params=new_params, opt_state=opt_state))
     if jax.process_index() == 0:
       finetune.record_switch(workdir, record)
-      if config.plots:
-        plots.plot_masks(params, os.path.join(workdir, "masks.png"))
+      if config.plots:  # drawn when the run ends: a figure now would stay in its memory
+        plots.save_block_norms(params, os.path.join(workdir, plots.SWITCH_NORMS))
       tqdm.write(f"step {record.step}: fine-tuning the kept blocks in block-sparse form ("
                  f"{sum(v['nnz'] for v in record.layers.values())} blocks in "
                  f"{len(record.layers)} layers)")

@@ -42,3 +42,28 @@ def test_plot_run_writes_masks_and_trajectories(tmp_path):
   written = plots.plot_run(str(tmp_path), _kpd_params(zero_rows=1))
   assert sorted(p.rsplit("/", 1)[-1] for p in written) == ["masks.png", "trajectories.png"]
   assert matplotlib.image.imread(written[1]).shape[1] > 3 * 400  # three panels with shares
+
+
+def test_a_switched_run_draws_the_masks_it_saved_at_the_switch(tmp_path):
+  kpd = _kpd_params(zero_rows=2)
+  saved = str(tmp_path / plots.SWITCH_NORMS)
+  plots.save_block_norms(kpd, saved)
+  norms, want = plots.load_block_norms(saved), plots.block_norms(kpd)
+  assert norms.keys() == want.keys() == {"kron_2x3", "kron_4x4"}
+  for name, (grid, block) in want.items():
+    np.testing.assert_array_equal(norms[name][0], grid)  # NaN where pruned, in place
+    assert norms[name][1] == block
+  assert np.isnan(norms["kron_2x3"][0][:2]).all() and not np.isnan(norms["kron_4x4"][0]).any()
+  # After the switch the parameters hold no KPD terms: the saved norms are drawn instead.
+  (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 1.0, "train/accuracy": 0.5}) + "\n")
+  bsr_params = {"fc1": {"blocks": np.ones((3, 2, 3)), "bias": np.zeros(12)}}
+  written = plots.plot_run(str(tmp_path), bsr_params)
+  assert sorted(p.rsplit("/", 1)[-1] for p in written) == ["masks.png", "trajectories.png"]
+  image = matplotlib.image.imread(written[0])
+  assert image.shape[1] > 400  # two panels
+
+
+def test_a_run_without_kpd_terms_or_saved_norms_draws_no_masks(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 1.0, "train/accuracy": 0.5}) + "\n")
+  written = plots.plot_run(str(tmp_path), {"dense": {"kernel": np.ones((4, 4))}})
+  assert [p.rsplit("/", 1)[-1] for p in written] == ["trajectories.png"]

@@ -48,9 +48,10 @@ from bsparse.kernels.ops import blocks_cotangent, bsr_conv, bsr_matmul, convolve
 
 INDEX_COLLECTION = "bsr_index"
 Shape2 = tuple[int, int]
-# The most bytes of patches a convolution builds at once (larger ones go in slabs of rows).
-# 8 MiB puts the CNN's conv2 in slabs of 2 of its 14 rows at batch 128 and 256: its train
-# step holds 58 instead of 89 MB of temporaries, its evaluation at 256 48 instead of 88 MB.
+# The most bytes of patches a convolution builds at once (larger ones go in slabs of rows;
+# a stride-1 conv on the 'cpu' kernels builds none). 8 MiB puts the CNN's conv2 in slabs of
+# 2 of its 14 rows at batch 128 and 256: its train step held 58 instead of 89 MB of
+# temporaries, its evaluation at 256 48 instead of 88 MB.
 PATCH_BYTES = 8 << 20
 
 
