@@ -1,4 +1,5 @@
-"""``bsr_matmul``: the one entry point for block-sparse products, and its dispatch.
+"""``bsr_matmul``: the one entry point for block-sparse products, and its dispatch (and
+``bsr_conv``, the stride-1 convolution that the ``'cpu'`` kernels compute without patches).
 
 ``bsr_matmul(x, w, transpose=False, impl=None, interpret=None)`` computes ``x @ W`` (or
 ``x @ W.T``) for a ``BSR`` weight ``w`` and ``x`` with any leading dims, under a
