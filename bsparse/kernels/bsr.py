@@ -122,6 +122,21 @@ def group_offsets(w: BSR, transpose: bool = False):
   return entry, offsets.astype(jnp.int32)
 
 
+def tap_blocks(w: BSR, taps: Sequence[int]) -> jax.Array:
+  """The ``(nnz_max, kh, kw, bm, bn)`` taps of a convolution's ``(Cin*kh*kw, Cout)`` weight,
+  whose ``(bm*kh*kw, bn)`` blocks hold patch rows ``(c, kh, kw)`` (``kernels.layers``)."""
+  kh, kw = taps
+  bm, bn = w.block_shape[0] // (kh * kw), w.block_shape[1]
+  return jnp.moveaxis(w.blocks.reshape(w.nnz_max, bm, kh, kw, bn), 1, 3)
+
+
+def patch_blocks(taps: jax.Array) -> jax.Array:
+  """The inverse of ``tap_blocks``: ``(nnz_max, kh, kw, bm, bn)`` taps to the
+  ``(nnz_max, bm*kh*kw, bn)`` blocks of the patch matrix's weight."""
+  nnz_max, kh, kw, bm, bn = taps.shape
+  return jnp.moveaxis(taps, 3, 1).reshape(nnz_max, bm * kh * kw, bn)
+
+
 def block_grid(shape: Sequence[int], block_shape: Sequence[int]) -> tuple[int, int]:
   """``(m1, n1)`` for an ``(m, n)`` matrix; ValueError when the blocks do not tile it."""
   if len(shape) != 2 or len(block_shape) != 2:

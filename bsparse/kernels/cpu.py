@@ -155,21 +155,6 @@ def sddmm(a: jax.Array, b: jax.Array, w: bsr_lib.BSR, interpret: bool = False) -
                b.astype(jnp.float32), w.rows, w.cols, w.nnz.reshape(1))
 
 
-
-def tap_blocks(w: bsr_lib.BSR, taps) -> jax.Array:
-  """The ``(nnz_max, kh, kw, bm, bn)`` taps of a convolution's ``(Cin*kh*kw, Cout)`` weight,
-  whose ``(bm*kh*kw, bn)`` blocks hold rows ``(c, kh, kw)`` (``kernels.layers``)."""
-  kh, kw = taps
-  bm, bn = w.block_shape[0] // (kh * kw), w.block_shape[1]
-  return jnp.moveaxis(w.blocks.reshape(w.nnz_max, bm, kh, kw, bn), 1, 3)
-
-
-def patch_blocks(taps: jax.Array) -> jax.Array:
-  """The inverse of ``tap_blocks``: ``(nnz_max, kh, kw, bm, bn)`` to ``(nnz_max, bm*kh*kw, bn)``."""
-  nnz_max, kh, kw, bm, bn = taps.shape
-  return jnp.moveaxis(taps, 3, 1).reshape(nnz_max, bm * kh * kw, bn)
-
-
 def conv(x: jax.Array, w: bsr_lib.BSR, taps, pad, out_hw, transpose: bool = False
          ) -> jax.Array:
   """The stride-1 convolution of NHWC ``x`` by the taps of ``w``, zero-padded by ``pad =
@@ -187,7 +172,7 @@ def conv(x: jax.Array, w: bsr_lib.BSR, taps, pad, out_hw, transpose: bool = Fals
   Returns:
     ``(N, Ho, Wo, Cout)`` (``Cin`` with ``transpose``) in ``x.dtype``.
   """
-  blocks, src = tap_blocks(w, taps), w.rows
+  blocks, src = bsr_lib.tap_blocks(w, taps), w.rows
   if transpose:
     blocks, src = jnp.swapaxes(blocks[:, ::-1, ::-1], 3, 4), w.cols
   entry, offsets = bsr_lib.group_offsets(w, transpose)
@@ -213,4 +198,4 @@ def conv_sddmm(x: jax.Array, dy: jax.Array, w: bsr_lib.BSR, taps, pad) -> jax.Ar
   out = _call("bsparse_bsr_conv_sddmm", (w.nnz_max, kh, kw, bm, bn), block_major(x, bm),
               block_major(dy, bn), w.rows, w.cols, w.nnz.reshape(1),
               pad_top=int(pad[0]), pad_left=int(pad[1]))
-  return patch_blocks(out)
+  return bsr_lib.patch_blocks(out)

@@ -222,6 +222,15 @@ ffi::Error CheckEntries(const char* name, const int32_t* rp, const int32_t* cp,
   return ffi::Error::Success();
 }
 
+// Checks a convolution's top and left padding against its taps (each in [0, taps)).
+ffi::Error CheckPadding(const char* name, int64_t pad_top, int64_t pad_left, int64_t kh,
+                        int64_t kw) {
+  if (pad_top < 0 || pad_top >= kh || pad_left < 0 || pad_left >= kw) {
+    return ffi::Error::InvalidArgument(std::string(name) + ": padding must lie in [0, taps).");
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error BsrMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                          ffi::Buffer<ffi::F32> blocks, ffi::Buffer<ffi::S32> src,
                          ffi::Buffer<ffi::S32> entry, ffi::Buffer<ffi::S32> offsets,
@@ -328,8 +337,8 @@ ffi::Error BsrConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       src.element_count() != nnz_max || entry.element_count() != nnz_max) {
     return ffi::Error::InvalidArgument("bsr_conv: inconsistent operand shapes.");
   }
-  if (pad_top < 0 || pad_top >= kh || pad_left < 0 || pad_left >= kw) {
-    return ffi::Error::InvalidArgument("bsr_conv: padding must lie in [0, taps).");
+  if (auto err = CheckPadding("bsr_conv", pad_top, pad_left, kh, kw); err.failure()) {
+    return err;
   }
   const int32_t* ent = entry.typed_data();
   const int32_t* off = offsets.typed_data();
@@ -406,8 +415,8 @@ ffi::Error BsrConvSddmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       cols.element_count() != nnz_max) {
     return ffi::Error::InvalidArgument("bsr_conv_sddmm: inconsistent operand shapes.");
   }
-  if (pad_top < 0 || pad_top >= kh || pad_left < 0 || pad_left >= kw) {
-    return ffi::Error::InvalidArgument("bsr_conv_sddmm: padding must lie in [0, taps).");
+  if (auto err = CheckPadding("bsr_conv_sddmm", pad_top, pad_left, kh, kw); err.failure()) {
+    return err;
   }
   const int32_t* rp = rows.typed_data();
   const int32_t* cp = cols.typed_data();

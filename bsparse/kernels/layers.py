@@ -97,7 +97,7 @@ def _weight(module, in_features: int, block_shape: Sequence[int], taps: tuple[in
   blocks = module.param("blocks", kron.normal_init(math.sqrt(2.0 / fan_in)),
                         (nnz_max, *taps, bm, bn), module.param_dtype)
   if taps:
-    blocks = jnp.moveaxis(blocks, -2, 1).reshape(nnz_max, bm * n_taps, bn)
+    blocks = bsr_lib.patch_blocks(blocks)
   shape = (in_features * n_taps, module.features)
   return bsr_lib.from_indices(blocks, rows, cols, nnz, shape)
 
