@@ -1,4 +1,5 @@
 """Block-sparse layers, and KPD -> BSR conversion giving the same model outputs."""
+import math
 import pathlib
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bsparse.kernels import bsr, convert, ops
+from bsparse.kernels import bsr, convert, cpu, ops
 from bsparse.kernels import layers as bsr_layers
 from bsparse.kernels.layers import INDEX_COLLECTION, BlockSparseConv, BlockSparseDense, patches
 from bsparse.layers import KronConv, KronDense
@@ -190,8 +191,13 @@ def test_conv_in_slabs_matches_lax_conv_forward_and_gradients(monkeypatch, impl,
     (3, 7, (1, 7), (5, 5), (8, 9), ((2, 0), (1, 3)), [[1], [0], [1]]),
     (8, 12, (4, 6), (3, 3), (9, 8), ((3, -1), (-1, 2)), [[1, 1], [0, 1]]),  # beyond a tap
     (16, 16, (16, 16), (2, 3), (1, 13), "SAME", [[1]])])  # a full grid: no padding
-def test_conv_in_place_matches_lax_conv_forward_and_gradients(cin, cout, block, taps, hw,
-                                                              padding, mask):
+# The block gradient's kernel copies each entry's channel blocks out of x and dy (inf), or
+# reads block-major copies of both (0).
+@pytest.mark.parametrize("copy_ratio", [math.inf, 0.0])
+def test_conv_in_place_matches_lax_conv_forward_and_gradients(monkeypatch, copy_ratio, cin,
+                                                              cout, block, taps, hw, padding,
+                                                              mask):
+  monkeypatch.setattr(cpu, "_ENTRY_COPY_RATIO", copy_ratio)
   mask = np.array(mask, bool)
   nnz = int(mask.sum())
   layer = BlockSparseConv(cout, taps, block, nnz_max=min(nnz + 1, mask.size), padding=padding,

@@ -18,6 +18,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import pathlib
 import platform
@@ -182,20 +183,44 @@ def conv(x: jax.Array, w: bsr_lib.BSR, taps, pad, out_hw, transpose: bool = Fals
   return y.astype(x.dtype)
 
 
+# The entries' own copies cost up to this many times the block-major copies of x and dy:
+# they stay in cache while the entry's taps read them, where XLA's transposes go through
+# memory (conv2 of configs/cnn_fmnist.py, batch 128: the trainer's step at a tenth of its
+# 128 blocks, 13 entries, ran faster with them, and at a quarter, 32, slower;
+# `python -m benchmarks.dense_from`).
+_ENTRY_COPY_RATIO = 2.0
+
+
+def _copies_per_entry(x_shape, dy_shape, nnz_max: int, bm: int, bn: int) -> bool:
+  """Whether ``conv_sddmm``'s kernel should copy each entry's channel blocks out of NHWC
+  ``x`` and ``dy`` (``nnz_max`` copies of a block each) rather than read block-major copies
+  of both (one copy of each array)."""
+  pixels_in, pixels_out = math.prod(x_shape[:3]), math.prod(dy_shape[:3])
+  per_entry = nnz_max * (bm * pixels_in + bn * pixels_out)
+  whole = x_shape[3] * pixels_in + dy_shape[3] * pixels_out
+  return per_entry <= _ENTRY_COPY_RATIO * whole
+
+
 def conv_sddmm(x: jax.Array, dy: jax.Array, w: bsr_lib.BSR, taps, pad) -> jax.Array:
   """The gradient of ``conv`` (padded by ``pad``) for the stored blocks:
   ``(nnz_max, bm*kh*kw, bn)`` f32 in the layout of ``w.blocks`` (zero for padding).
+
+  Each entry reads its channel block of ``x`` and of ``dy`` as a contiguous slab. With few
+  entries the kernel copies them out of the NHWC arrays itself, entry by entry; with more
+  it reads block-major copies of both (XLA transposes), made once (``_copies_per_entry``).
 
   Args:
     x: the input ``(N, H, W, Cin)``; dy: the output gradient ``(N, Ho, Wo, Cout)``.
   """
   (kh, kw), bn = taps, w.block_shape[1]
   bm = w.block_shape[0] // (kh * kw)
+  x, dy = x.astype(jnp.float32), dy.astype(jnp.float32)
+  if not _copies_per_entry(x.shape, dy.shape, w.nnz_max, bm, bn):
 
-  def block_major(a, width):  # (N, H, W, C) -> (C/width, N, H, W, width)
-    return jnp.moveaxis(a.astype(jnp.float32).reshape(*a.shape[:3], -1, width), 3, 0)
+    def block_major(a, width):  # (N, H, W, C) -> (C/width, N, H, W, width)
+      return jnp.moveaxis(a.reshape(*a.shape[:3], -1, width), 3, 0)
 
-  out = _call("bsparse_bsr_conv_sddmm", (w.nnz_max, kh, kw, bm, bn), block_major(x, bm),
-              block_major(dy, bn), w.rows, w.cols, w.nnz.reshape(1),
-              pad_top=int(pad[0]), pad_left=int(pad[1]))
+    x, dy = block_major(x, bm), block_major(dy, bn)
+  out = _call("bsparse_bsr_conv_sddmm", (w.nnz_max, kh, kw, bm, bn), x, dy, w.rows, w.cols,
+              w.nnz.reshape(1), pad_top=int(pad[0]), pad_left=int(pad[1]))
   return bsr_lib.patch_blocks(out)

@@ -22,8 +22,10 @@
 //     window, and each tap's term reads that window in place.
 //   bsparse_bsr_conv_sddmm: the taps' gradient, out (nnz_max, kh, kw, bm, bn),
 //     out[e, i, j] = the sum over (n, h, w) of xpad[n, h+i, w+j, rows[e]-block].T @
-//     dy[n, h, w, cols[e]-block], with x and dy given block-major: (C/bm, N, H, W, bm)
-//     and (Cout/bn, N, Ho, Wo, bn), padded as bsparse_bsr_conv; zero for padding entries.
+//     dy[n, h, w, cols[e]-block], padded as bsparse_bsr_conv; zero for padding entries.
+//     x and dy are NHWC, (N, H, W, C) and (N, Ho, Wo, Cout), whose channel blocks each
+//     entry copies out (the cheaper form when the entries are few), or block-major,
+//     (C/bm, N, H, W, bm) and (Cout/bn, N, Ho, Wo, bn), read in place.
 //
 // Work is split over the XLA CPU client's intra-op thread pool; the calling thread takes
 // work items too, so the kernels never wait on a pool that is busy elsewhere.
@@ -397,21 +399,50 @@ ffi::Error BsrConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// A conv operand's channel blocks, NHWC (N, H, W, C) or block-major (C/b, N, H, W, b), of
+// width b (0 when the layout is not one of the two).
+struct ChannelBlocks {
+  const float* data;
+  int64_t n = 0, h = 0, w = 0, c = 0, b = 0;
+  bool block_major = false;
+
+  ChannelBlocks(const ffi::Buffer<ffi::F32>& a, int64_t width) : data(a.typed_data()) {
+    const auto d = a.dimensions();
+    if (d.size() == 4 && width > 0 && d[3] % width == 0) {
+      n = d[0], h = d[1], w = d[2], c = d[3], b = width;
+    } else if (d.size() == 5 && width > 0 && d[4] == width) {
+      n = d[1], h = d[2], w = d[3], c = d[0] * width, b = width, block_major = true;
+    }
+  }
+  int64_t pixels() const { return n * h * w; }
+  // Channel block k as (pixels, b), contiguous: in place when block-major, else copied
+  // into `scratch` (pixels * b floats).
+  const float* Slab(int64_t k, float* scratch) const {
+    if (block_major) return data + k * pixels() * b;
+    for (int64_t p = 0; p < pixels(); ++p) {
+      std::memcpy(scratch + p * b, data + p * c + k * b, b * sizeof(float));
+    }
+    return scratch;
+  }
+};
+
 ffi::Error BsrConvSddmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::S32> rows,
                             ffi::Buffer<ffi::S32> cols, ffi::Buffer<ffi::S32> nnz,
                             ffi::ResultBuffer<ffi::F32> out, int64_t pad_top,
                             int64_t pad_left) {
-  const auto xd = x.dimensions(), dd = dy.dimensions(), od = out->dimensions();
-  if (xd.size() != 5 || dd.size() != 5 || od.size() != 5 || xd[1] != dd[1] ||
-      nnz.element_count() != 1) {
-    return ffi::Error::InvalidArgument(
-        "bsr_conv_sddmm: x and dy must be 5-D, block-major, with equal batch.");
+  const auto od = out->dimensions();
+  if (od.size() != 5 || nnz.element_count() != 1) {
+    return ffi::Error::InvalidArgument("bsr_conv_sddmm: out must be 5-D, nnz one count.");
   }
-  const int64_t m1 = xd[0], n = xd[1], h_in = xd[2], w_in = xd[3], bm = xd[4];
-  const int64_t n1 = dd[0], ho = dd[2], wo = dd[3], bn = dd[4];
-  const int64_t nnz_max = od[0], kh = od[1], kw = od[2];
-  if (od[3] != bm || od[4] != bn || kh < 1 || kw < 1 || rows.element_count() != nnz_max ||
+  const int64_t nnz_max = od[0], kh = od[1], kw = od[2], bm = od[3], bn = od[4];
+  const ChannelBlocks xb(x, bm), db(dy, bn);
+  if (!xb.b || !db.b || xb.block_major != db.block_major || xb.n != db.n) {
+    return ffi::Error::InvalidArgument(
+        "bsr_conv_sddmm: x and dy must both be NHWC, or both block-major, with equal batch "
+        "and channels a multiple of the block.");
+  }
+  if (kh < 1 || kw < 1 || rows.element_count() != nnz_max ||
       cols.element_count() != nnz_max) {
     return ffi::Error::InvalidArgument("bsr_conv_sddmm: inconsistent operand shapes.");
   }
@@ -421,34 +452,43 @@ ffi::Error BsrConvSddmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int32_t* rp = rows.typed_data();
   const int32_t* cp = cols.typed_data();
   const int64_t count = std::clamp<int64_t>(nnz.typed_data()[0], 0, nnz_max);
-  if (auto err = CheckEntries("bsr_conv_sddmm", rp, cp, count, m1, n1); err.failure()) {
+  if (auto err = CheckEntries("bsr_conv_sddmm", rp, cp, count, xb.c / bm, db.c / bn);
+      err.failure()) {
     return err;
   }
-  const float* xp = x.typed_data();
-  const float* dp = dy.typed_data();
   float* op = out->typed_data();
-  const int64_t taps = kh * kw, tap_size = bm * bn, lines = n * ho;
+  const int64_t h_in = xb.h, w_in = xb.w, ho = db.h, wo = db.w;
+  const int64_t taps = kh * kw, tap_size = bm * bn, lines = xb.n * ho;
   std::fill(op + count * taps * tap_size, op + nnz_max * taps * tap_size, 0.f);
-  // One work item per (entry, tap): a (bm, bn) tile summed over every output line, each
-  // line a term over the pixels whose input pixel lies inside x, the same for every line
-  // of the tap (a's pixels bm floats apart, b's rows bn floats apart).
-  ParallelFor(pool, count * taps, [&](int64_t item) {
-    const int64_t e = item / taps, dh = item % taps / kw, dw = item % kw;
-    const float* xb = xp + rp[e] * n * h_in * w_in * bm;
-    const float* db = dp + cp[e] * lines * wo * bn;
-    // Output pixels [w0, w1) read input pixels w + dw - pad_left inside [0, w_in).
-    const int64_t w0 = std::max<int64_t>(0, pad_left - dw);
-    const int64_t w1 = std::min<int64_t>(wo, w_in + pad_left - dw);
-    std::unique_ptr<Term[]> terms(new Term[2 * std::max<int64_t>(lines, 1)]);
-    int64_t t = 0;
-    for (int64_t line = 0; line < lines && w1 > w0; ++line) {
-      const int64_t b = line / ho, ih = line % ho + dh - pad_top;
-      if (ih < 0 || ih >= h_in) continue;
-      terms[t++] = {xb + ((b * h_in + ih) * w_in + w0 + dw - pad_left) * bm,
-                    db + (line * wo + w0) * bn};
+  // One work item per entry: its x and dy channel blocks as contiguous slabs (pixels bm
+  // and bn floats apart), then each tap's (bm, bn) tile summed over every output line,
+  // each line a term over the pixels whose input pixel lies inside x, the same for every
+  // line of the tap.
+  ParallelFor(pool, count, [&](int64_t e) {
+    std::unique_ptr<float[]> xcopy, dcopy;
+    if (!xb.block_major) {
+      xcopy.reset(new float[xb.pixels() * bm]);
+      dcopy.reset(new float[db.pixels() * bn]);
     }
-    OutputTile(terms.get(), t, Strides{1, bm, bn, w1 - w0}, bm, bn, op + item * tap_size, bn,
-               /*accumulate=*/false, terms.get() + lines);
+    const float* xs = xb.Slab(rp[e], xcopy.get());
+    const float* ds = db.Slab(cp[e], dcopy.get());
+    std::unique_ptr<Term[]> terms(new Term[2 * std::max<int64_t>(lines, 1)]);
+    for (int64_t tap = 0; tap < taps; ++tap) {
+      const int64_t dh = tap / kw, dw = tap % kw;
+      // Output pixels [w0, w1) read input pixels w + dw - pad_left inside [0, w_in).
+      const int64_t w0 = std::max<int64_t>(0, pad_left - dw);
+      const int64_t w1 = std::min<int64_t>(wo, w_in + pad_left - dw);
+      int64_t t = 0;
+      for (int64_t line = 0; line < lines && w1 > w0; ++line) {
+        const int64_t b = line / ho, ih = line % ho + dh - pad_top;
+        if (ih < 0 || ih >= h_in) continue;
+        terms[t++] = {xs + ((b * h_in + ih) * w_in + w0 + dw - pad_left) * bm,
+                      ds + (line * wo + w0) * bn};
+      }
+      OutputTile(terms.get(), t, Strides{1, bm, bn, w1 - w0}, bm, bn,
+                 op + (e * taps + tap) * tap_size, bn, /*accumulate=*/false,
+                 terms.get() + lines);
+    }
   });
   return ffi::Error::Success();
 }
