@@ -1,10 +1,10 @@
 r"""Block-sparse convolution: in place, or its patch matrix whole or in slabs, against a
 dense conv.
 
-  python -m benchmarks.bsr_conv                       # the CNN's conv2 and a ResNet conv
+  python -m benchmarks.bsr_conv                       # the CNN's conv2 and two ResNet convs
   python -m benchmarks.bsr_conv --batches=1000 --passes=fwd
 
-On the ``cpu`` kernels a stride-1 ``BlockSparseConv`` convolves in place
+On the ``cpu`` kernels a ``BlockSparseConv`` convolves in place
 (``ops.bsr_conv``, the form "BSR, in place", listed where it applies); elsewhere it
 multiplies the patch matrix (im2col, ``kh*kw`` times its input) by the block-sparse
 weight, and above ``kernels.layers.PATCH_BYTES`` of patches the forward and the backward
@@ -37,8 +37,9 @@ _PATCH_BYTES = flags.DEFINE_integer(
     "patch_bytes", None, "Patch budget of the slabbed form (default: "
     "kernels.layers.PATCH_BYTES).")
 
-# name: (H = W, Cin, Cout, (bm, bn)); 3x3 taps, stride 1, SAME padding.
-LAYERS = {"cnn conv2": (14, 32, 64, (4, 4)), "resnet stage-1 conv": (32, 16, 16, (4, 4))}
+# name: (H = W, Cin, Cout, (bm, bn), stride); 3x3 taps, SAME padding.
+LAYERS = {"cnn conv2": (14, 32, 64, (4, 4), 1), "resnet stage-1 conv": (32, 16, 16, (4, 4), 1),
+          "resnet stage-2 first conv": (32, 16, 32, (4, 4), 2)}
 
 
 def _weight(cin: int, cout: int, block_shape, density: float, seed: int = 0):
@@ -59,20 +60,22 @@ def _sparse(kernel, block_shape):
   return bsr.from_dense(rows, (block_shape[0] * kh * kw, block_shape[1]))
 
 
-def _functions(kernel, block_shape, patch_bytes: int):
+def _functions(kernel, block_shape, stride: int, patch_bytes: int):
   """``{name: f(x, weight)}`` and the weights they take."""
+  strides = (stride, stride)
+
   def dense(x, k):
-    return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+    return jax.lax.conv_general_dilated(x, k, strides, "SAME",
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
   def sparse(budget, in_place=False):
-    return lambda x, w: layers.conv(x, w, (3, 3), (1, 1), "SAME", patch_bytes=budget,
+    return lambda x, w: layers.conv(x, w, (3, 3), strides, "SAME", patch_bytes=budget,
                                     in_place=in_place)
 
   w = _sparse(kernel, block_shape)
   forms = {"dense conv": (dense, kernel), "BSR, patches whole": (sparse(1 << 62), w),
            "BSR, patches in slabs": (sparse(patch_bytes), w)}
-  if ops.convolves_in_place(None, w, jnp.float32, (1, 1)):
+  if ops.convolves_in_place(None, w, jnp.float32):
     forms["BSR, in place"] = (sparse(patch_bytes, in_place=True), w)
   return forms
 
@@ -90,10 +93,10 @@ def measure(name: str, batch: int, kind: str, patch_bytes: int
             ) -> list[tuple[str, float, float, float]]:
   """``[(form, ms, temporaries MB, largest |difference| from the dense conv's output)]``
   for one layer, batch and pass, timed side by side."""
-  hw, cin, cout, block_shape = LAYERS[name]
+  hw, cin, cout, block_shape, stride = LAYERS[name]
   kernel = _weight(cin, cout, block_shape, _DENSITY.value)
   x = jax.random.normal(jax.random.key(0), (batch, hw, hw, cin))
-  functions = _functions(kernel, block_shape, patch_bytes)
+  functions = _functions(kernel, block_shape, stride, patch_bytes)
   dense = functions["dense conv"][0](x, kernel)
   error = {k: float(jnp.max(jnp.abs(jax.jit(f)(x, w) - dense)))
            for k, (f, w) in functions.items()}

@@ -184,24 +184,27 @@ def test_conv_in_slabs_matches_lax_conv_forward_and_gradients(monkeypatch, impl,
   chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("cin,cout,block,taps,hw,padding,mask", [
-    (8, 12, (4, 6), (3, 3), (9, 7), "SAME", [[1, 0], [1, 1]]),
-    (8, 12, (4, 6), (3, 2), (6, 11), "VALID", [[0, 0], [1, 1]]),  # an empty input block
-    (6, 10, (2, 5), (1, 1), (5, 4), "SAME", [[1, 0], [0, 0], [0, 1]]),
-    (3, 7, (1, 7), (5, 5), (8, 9), ((2, 0), (1, 3)), [[1], [0], [1]]),
-    (8, 12, (4, 6), (3, 3), (9, 8), ((3, -1), (-1, 2)), [[1, 1], [0, 1]]),  # beyond a tap
-    (16, 16, (16, 16), (2, 3), (1, 13), "SAME", [[1]])])  # a full grid: no padding
+@pytest.mark.parametrize("cin,cout,block,taps,hw,strides,padding,mask", [
+    (8, 12, (4, 6), (3, 3), (9, 7), (1, 1), "SAME", [[1, 0], [1, 1]]),
+    (8, 12, (4, 6), (3, 2), (6, 11), (1, 1), "VALID", [[0, 0], [1, 1]]),  # an empty input block
+    (6, 10, (2, 5), (1, 1), (5, 4), (1, 1), "SAME", [[1, 0], [0, 0], [0, 1]]),
+    (3, 7, (1, 7), (5, 5), (8, 9), (1, 1), ((2, 0), (1, 3)), [[1], [0], [1]]),
+    (8, 12, (4, 6), (3, 3), (9, 8), (1, 1), ((3, -1), (-1, 2)), [[1, 1], [0, 1]]),  # beyond a tap
+    (16, 16, (16, 16), (2, 3), (1, 13), (1, 1), "SAME", [[1]]),  # a full grid: no padding
+    (8, 12, (4, 6), (3, 3), (9, 8), (2, 2), "SAME", [[1, 0], [1, 1]]),  # rows left over
+    (6, 10, (2, 5), (1, 1), (7, 5), (2, 3), "VALID", [[1, 0], [0, 1], [1, 1]]),  # 1x1 strided
+    (8, 12, (4, 6), (3, 2), (10, 11), (3, 2), ((2, 1), (0, 2)), [[0, 1], [1, 1]])])
 # The block gradient's kernel copies each entry's channel blocks out of x and dy (inf), or
 # reads block-major copies of both (0).
 @pytest.mark.parametrize("copy_ratio", [math.inf, 0.0])
 def test_conv_in_place_matches_lax_conv_forward_and_gradients(monkeypatch, copy_ratio, cin,
-                                                              cout, block, taps, hw, padding,
-                                                              mask):
+                                                              cout, block, taps, hw, strides,
+                                                              padding, mask):
   monkeypatch.setattr(cpu, "_ENTRY_COPY_RATIO", copy_ratio)
   mask = np.array(mask, bool)
   nnz = int(mask.sum())
-  layer = BlockSparseConv(cout, taps, block, nnz_max=min(nnz + 1, mask.size), padding=padding,
-                          impl="cpu")
+  layer = BlockSparseConv(cout, taps, block, strides=strides, nnz_max=min(nnz + 1, mask.size),
+                          padding=padding, impl="cpu")
   x = jax.random.normal(jax.random.key(0), (3, *hw, cin))
   v = random_variables(layer, x, mask)
 
@@ -210,12 +213,13 @@ def test_conv_in_place_matches_lax_conv_forward_and_gradients(monkeypatch, copy_
 
   def reference(x, blocks):
     kernel = dense_kernel({**v, "params": {"blocks": blocks}}, *taps, cin, cout, block)
-    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), padding,
+    y = jax.lax.conv_general_dilated(x, kernel, strides, padding,
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y + v["params"]["bias"]
 
   loss = lambda f: lambda x, b: jnp.sum(jnp.sin(f(x, b)))  # noqa: E731
   blocks = v["params"]["blocks"]
+  assert sparse(x, blocks).shape == reference(x, blocks).shape
   hlo = jax.jit(jax.grad(loss(sparse), argnums=(0, 1))).lower(x, blocks).as_text()
   assert hlo.count("bsparse_bsr_conv") == 3 and "bsparse_bsr_matmul" not in hlo  # no patches
   chex.assert_trees_all_close(jax.jit(sparse)(x, blocks), reference(x, blocks), atol=1e-4)
@@ -225,11 +229,10 @@ def test_conv_in_place_matches_lax_conv_forward_and_gradients(monkeypatch, copy_
   assert not np.any(got[1][nnz:])  # padding gets no gradient
 
 
-def test_conv_in_place_takes_stride_one_on_the_cpu_kernels_only():
+def test_conv_in_place_takes_the_cpu_kernels_only():
   w = bsr.from_dense(jnp.ones((8 * 9, 12)), (4 * 9, 6))
-  assert ops.convolves_in_place("cpu", w, jnp.float32, (1, 1))
-  assert not ops.convolves_in_place("cpu", w, jnp.float32, (2, 1))
-  assert not ops.convolves_in_place("xla", w, jnp.float32, (1, 1))
+  assert ops.convolves_in_place("cpu", w, jnp.float32)
+  assert not ops.convolves_in_place("xla", w, jnp.float32)
 
 
 def test_conv_in_place_kernel_rejects_out_of_range_blocks():
@@ -391,7 +394,7 @@ def test_conv_benchmark_times_one_convolution_in_every_form():
                        timeout=300).stdout
   cells = [r.split("|")[1:-1] for r in out.splitlines() if r.startswith("| ")]
   rows = [c for c in cells if c[1].strip().isdigit()]  # not the header
-  assert len(rows) == 2 * 4  # two layers, four forms, batch 2, forward only
+  assert len(rows) == 3 * 4  # three layers, four forms, batch 2, forward only
   assert {r[3].strip() for r in rows} == {"dense conv", "BSR, patches whole",
                                           "BSR, patches in slabs", "BSR, in place"}
   assert all(float(r[4]) > 0 and r[2].strip() == "fwd" for r in rows)

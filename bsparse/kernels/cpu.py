@@ -156,11 +156,11 @@ def sddmm(a: jax.Array, b: jax.Array, w: bsr_lib.BSR, interpret: bool = False) -
                b.astype(jnp.float32), w.rows, w.cols, w.nnz.reshape(1))
 
 
-def conv(x: jax.Array, w: bsr_lib.BSR, taps, pad, out_hw, transpose: bool = False
-         ) -> jax.Array:
-  """The stride-1 convolution of NHWC ``x`` by the taps of ``w``, zero-padded by ``pad =
-  (top, left)`` (each below its tap count; below and right as far as ``out_hw`` asks),
-  read in place: no patch matrix, no padded copy of ``x``.
+def conv(x: jax.Array, w: bsr_lib.BSR, taps, pad, out_hw, strides=(1, 1),
+         transpose: bool = False) -> jax.Array:
+  """The convolution of NHWC ``x`` by the taps of ``w`` with ``strides``, zero-padded by
+  ``pad = (top, left)`` (each below its tap count; below and right as far as ``out_hw``
+  asks), read in place: no patch matrix, no padded copy of ``x``.
 
   Args:
     x: ``(N, H, W, Cin)``, or with ``transpose`` ``(N, H, W, Cout)``.
@@ -168,8 +168,9 @@ def conv(x: jax.Array, w: bsr_lib.BSR, taps, pad, out_hw, transpose: bool = Fals
     taps: ``(kh, kw)``.
     out_hw: ``(Ho, Wo)``.
     transpose: convolve by the transposed, flipped taps instead (``Cout`` to ``Cin``): the
-      input gradient of a convolution padded by ``(pt, pl)`` when ``x`` is its output
-      gradient and ``pad`` is ``(kh-1-pt, kw-1-pl)``.
+      input gradient of a stride-1 convolution padded by ``(pt, pl)`` when ``x`` is its
+      output gradient and ``pad`` is ``(kh-1-pt, kw-1-pl)`` (of a strided one when ``x``
+      is that gradient spread out by the strides, ``ops.bsr_conv``).
   Returns:
     ``(N, Ho, Wo, Cout)`` (``Cin`` with ``transpose``) in ``x.dtype``.
   """
@@ -179,8 +180,14 @@ def conv(x: jax.Array, w: bsr_lib.BSR, taps, pad, out_hw, transpose: bool = Fals
   entry, offsets = bsr_lib.group_offsets(w, transpose)
   shape = (x.shape[0], *out_hw, (offsets.shape[0] - 1) * blocks.shape[-1])
   y = _call("bsparse_bsr_conv", shape, x.astype(jnp.float32), blocks.astype(jnp.float32),
-            src, entry, offsets, pad_top=int(pad[0]), pad_left=int(pad[1]))
+            src, entry, offsets, **_window(pad, strides))
   return y.astype(x.dtype)
+
+
+def _window(pad, strides) -> dict[str, int]:
+  """The convolution kernels' padding and stride attributes."""
+  return dict(pad_top=int(pad[0]), pad_left=int(pad[1]), stride_h=int(strides[0]),
+              stride_w=int(strides[1]))
 
 
 # The entries' own copies cost up to this many times the block-major copies of x and dy:
@@ -201,8 +208,9 @@ def _copies_per_entry(x_shape, dy_shape, nnz_max: int, bm: int, bn: int) -> bool
   return per_entry <= _ENTRY_COPY_RATIO * whole
 
 
-def conv_sddmm(x: jax.Array, dy: jax.Array, w: bsr_lib.BSR, taps, pad) -> jax.Array:
-  """The gradient of ``conv`` (padded by ``pad``) for the stored blocks:
+def conv_sddmm(x: jax.Array, dy: jax.Array, w: bsr_lib.BSR, taps, pad, strides=(1, 1)
+               ) -> jax.Array:
+  """The gradient of ``conv`` (padded by ``pad``, with ``strides``) for the stored blocks:
   ``(nnz_max, bm*kh*kw, bn)`` f32 in the layout of ``w.blocks`` (zero for padding).
 
   Each entry reads its channel block of ``x`` and of ``dy`` as a contiguous slab. With few
@@ -222,5 +230,5 @@ def conv_sddmm(x: jax.Array, dy: jax.Array, w: bsr_lib.BSR, taps, pad) -> jax.Ar
 
     x, dy = block_major(x, bm), block_major(dy, bn)
   out = _call("bsparse_bsr_conv_sddmm", (w.nnz_max, kh, kw, bm, bn), x, dy, w.rows, w.cols,
-              w.nnz.reshape(1), pad_top=int(pad[0]), pad_left=int(pad[1]))
+              w.nnz.reshape(1), **_window(pad, strides))
   return bsr_lib.patch_blocks(out)

@@ -13,15 +13,15 @@
 //     and cols, grouped by block row.
 //   bsparse_bsr_sddmm: out (nnz_max, bm, bn), out[e] = a[:, rows[e]*bm : +bm].T @
 //     b[:, cols[e]*bn : +bn] for e < nnz, zero for padding entries.
-//   bsparse_bsr_conv: a stride-1 convolution of NHWC x (N, H, W, C) by block-sparse
-//     taps, zero-padded by pad_top rows and pad_left columns (and below and right as far
-//     as y's size asks): y[n, h, w, g*bo : +bo] = the sum over g's entries e and taps
-//     (i, j) of xpad[n, h+i, w+j, src[e]*bk : +bk] @ blocks[e, i, j], blocks
-//     (nnz_max, kh, kw, bk, bo), y (N, Ho, Wo, G*bo). No patch matrix and no padded copy
-//     of x: each line of output pixels copies the kh input rows it reads into a padded
-//     window, and each tap's term reads that window in place.
+//   bsparse_bsr_conv: a convolution of NHWC x (N, H, W, C) by block-sparse taps with
+//     strides (sh, sw), zero-padded by pad_top rows and pad_left columns (and below and
+//     right as far as y's size asks): y[n, h, w, g*bo : +bo] = the sum over g's entries e
+//     and taps (i, j) of xpad[n, h*sh+i, w*sw+j, src[e]*bk : +bk] @ blocks[e, i, j],
+//     blocks (nnz_max, kh, kw, bk, bo), y (N, Ho, Wo, G*bo). No patch matrix and no padded
+//     copy of x: each line of output pixels copies the kh input rows it reads into a
+//     padded window, and each tap's term reads that window in place.
 //   bsparse_bsr_conv_sddmm: the taps' gradient, out (nnz_max, kh, kw, bm, bn),
-//     out[e, i, j] = the sum over (n, h, w) of xpad[n, h+i, w+j, rows[e]-block].T @
+//     out[e, i, j] = the sum over (n, h, w) of xpad[n, h*sh+i, w*sw+j, rows[e]-block].T @
 //     dy[n, h, w, cols[e]-block], padded as bsparse_bsr_conv; zero for padding entries.
 //     x and dy are NHWC, (N, H, W, C) and (N, Ho, Wo, Cout), whose channel blocks each
 //     entry copies out (the cheaper form when the entries are few), or block-major,
@@ -225,10 +225,14 @@ ffi::Error CheckEntries(const char* name, const int32_t* rp, const int32_t* cp,
 }
 
 // Checks a convolution's top and left padding against its taps (each in [0, taps)).
-ffi::Error CheckPadding(const char* name, int64_t pad_top, int64_t pad_left, int64_t kh,
-                        int64_t kw) {
+// Checks a convolution's padding (below its taps) and strides (positive).
+ffi::Error CheckWindow(const char* name, int64_t pad_top, int64_t pad_left, int64_t kh,
+                       int64_t kw, int64_t sh, int64_t sw) {
   if (pad_top < 0 || pad_top >= kh || pad_left < 0 || pad_left >= kw) {
     return ffi::Error::InvalidArgument(std::string(name) + ": padding must lie in [0, taps).");
+  }
+  if (sh < 1 || sw < 1) {
+    return ffi::Error::InvalidArgument(std::string(name) + ": strides must be positive.");
   }
   return ffi::Error::Success();
 }
@@ -327,7 +331,8 @@ constexpr int64_t kConvPixels = 64;  // output pixels (whole lines of them) per 
 ffi::Error BsrConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                        ffi::Buffer<ffi::F32> blocks, ffi::Buffer<ffi::S32> src,
                        ffi::Buffer<ffi::S32> entry, ffi::Buffer<ffi::S32> offsets,
-                       ffi::ResultBuffer<ffi::F32> y, int64_t pad_top, int64_t pad_left) {
+                       ffi::ResultBuffer<ffi::F32> y, int64_t pad_top, int64_t pad_left,
+                       int64_t sh, int64_t sw) {
   const auto xd = x.dimensions(), bd = blocks.dimensions(), yd = y->dimensions();
   if (xd.size() != 4 || bd.size() != 5 || yd.size() != 4 || offsets.element_count() < 1) {
     return ffi::Error::InvalidArgument("bsr_conv: x must be 4-D, blocks 5-D, y 4-D.");
@@ -339,7 +344,7 @@ ffi::Error BsrConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       src.element_count() != nnz_max || entry.element_count() != nnz_max) {
     return ffi::Error::InvalidArgument("bsr_conv: inconsistent operand shapes.");
   }
-  if (auto err = CheckPadding("bsr_conv", pad_top, pad_left, kh, kw); err.failure()) {
+  if (auto err = CheckWindow("bsr_conv", pad_top, pad_left, kh, kw, sh, sw); err.failure()) {
     return err;
   }
   const int32_t* ent = entry.typed_data();
@@ -353,11 +358,11 @@ ffi::Error BsrConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* xp = x.typed_data();
   const float* bp = blocks.typed_data();
   float* yp = y->typed_data();
-  const int64_t n_out = groups * bo, lines = n * ho, wp = wo + kw - 1;
+  const int64_t n_out = groups * bo, lines = n * ho, wp = (wo - 1) * sw + kw;
   const int64_t copied = std::max<int64_t>(0, std::min(w_in, wp - pad_left));
   const int64_t per_item = std::max<int64_t>(1, kConvPixels / wo);
   const int64_t ranges = (lines + per_item - 1) / per_item;
-  const Strides s{c, 1, bo, bk};  // a tile's rows are neighbouring pixels
+  const Strides s{sw * c, 1, bo, bk};  // a tile's rows are pixels sw apart
   int64_t most = 1;  // the most terms of one output block
   for (int64_t g = 0; g < groups; ++g) most = std::max<int64_t>(most, off[g + 1] - off[g]);
   most *= kh * kw;
@@ -366,13 +371,13 @@ ffi::Error BsrConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   ParallelFor(pool, ranges, [&](int64_t r) {
     std::unique_ptr<Term[]> terms(new Term[2 * most]);
     // The kh input rows a line reads, zero-padded to wp pixels: window[dh] holds input
-    // row h + dh - pad_top at columns [pad_left, pad_left + w_in).
+    // row h*sh + dh - pad_top at columns [pad_left, pad_left + w_in).
     std::unique_ptr<float[]> window(new float[kh * wp * c]());
     std::unique_ptr<bool[]> inside(new bool[kh]);
     for (int64_t line = r * per_item; line < std::min(lines, (r + 1) * per_item); ++line) {
       const int64_t b = line / ho, h = line % ho;
       for (int64_t dh = 0; dh < kh; ++dh) {
-        const int64_t ih = h + dh - pad_top;
+        const int64_t ih = h * sh + dh - pad_top;
         inside[dh] = ih >= 0 && ih < h_in;
         if (inside[dh] && copied > 0) {
           std::memcpy(window.get() + (dh * wp + pad_left) * c,
@@ -430,7 +435,7 @@ ffi::Error BsrConvSddmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::S32> rows,
                             ffi::Buffer<ffi::S32> cols, ffi::Buffer<ffi::S32> nnz,
                             ffi::ResultBuffer<ffi::F32> out, int64_t pad_top,
-                            int64_t pad_left) {
+                            int64_t pad_left, int64_t sh, int64_t sw) {
   const auto od = out->dimensions();
   if (od.size() != 5 || nnz.element_count() != 1) {
     return ffi::Error::InvalidArgument("bsr_conv_sddmm: out must be 5-D, nnz one count.");
@@ -446,7 +451,8 @@ ffi::Error BsrConvSddmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       cols.element_count() != nnz_max) {
     return ffi::Error::InvalidArgument("bsr_conv_sddmm: inconsistent operand shapes.");
   }
-  if (auto err = CheckPadding("bsr_conv_sddmm", pad_top, pad_left, kh, kw); err.failure()) {
+  if (auto err = CheckWindow("bsr_conv_sddmm", pad_top, pad_left, kh, kw, sh, sw);
+      err.failure()) {
     return err;
   }
   const int32_t* rp = rows.typed_data();
@@ -475,17 +481,17 @@ ffi::Error BsrConvSddmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     std::unique_ptr<Term[]> terms(new Term[2 * std::max<int64_t>(lines, 1)]);
     for (int64_t tap = 0; tap < taps; ++tap) {
       const int64_t dh = tap / kw, dw = tap % kw;
-      // Output pixels [w0, w1) read input pixels w + dw - pad_left inside [0, w_in).
-      const int64_t w0 = std::max<int64_t>(0, pad_left - dw);
-      const int64_t w1 = std::min<int64_t>(wo, w_in + pad_left - dw);
+      // Output pixels [w0, w1) read input pixels w*sw + dw - pad_left inside [0, w_in).
+      const int64_t w0 = std::max<int64_t>(0, (pad_left - dw + sw - 1) / sw);
+      const int64_t w1 = std::min<int64_t>(wo, (w_in + pad_left - dw + sw - 1) / sw);
       int64_t t = 0;
       for (int64_t line = 0; line < lines && w1 > w0; ++line) {
-        const int64_t b = line / ho, ih = line % ho + dh - pad_top;
+        const int64_t b = line / ho, ih = line % ho * sh + dh - pad_top;
         if (ih < 0 || ih >= h_in) continue;
-        terms[t++] = {xs + ((b * h_in + ih) * w_in + w0 + dw - pad_left) * bm,
+        terms[t++] = {xs + ((b * h_in + ih) * w_in + w0 * sw + dw - pad_left) * bm,
                       ds + (line * wo + w0) * bn};
       }
-      OutputTile(terms.get(), t, Strides{1, bm, bn, w1 - w0}, bm, bn,
+      OutputTile(terms.get(), t, Strides{1, sw * bm, bn, w1 - w0}, bm, bn,
                  op + (e * taps + tap) * tap_size, bn, /*accumulate=*/false,
                  terms.get() + lines);
     }
@@ -493,8 +499,7 @@ ffi::Error BsrConvSddmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
-// All kernels take the thread pool, two f32 and three s32 operands, and return f32 (the
-// convolutions also their padding).
+// All kernels take the thread pool, two f32 and three s32 operands, and return f32.
 auto Binding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
@@ -506,11 +511,18 @@ auto Binding() {
       .Ret<ffi::Buffer<ffi::F32>>();
 }
 
+// The convolutions also take their padding and strides.
+auto ConvBinding() {
+  return Binding()
+      .Attr<int64_t>("pad_top")
+      .Attr<int64_t>("pad_left")
+      .Attr<int64_t>("stride_h")
+      .Attr<int64_t>("stride_w");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BsrMatmul, BsrMatmulImpl, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BsrSddmm, BsrSddmmImpl, Binding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BsrConv, BsrConvImpl,
-                              Binding().Attr<int64_t>("pad_top").Attr<int64_t>("pad_left"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BsrConvSddmm, BsrConvSddmmImpl,
-                              Binding().Attr<int64_t>("pad_top").Attr<int64_t>("pad_left"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BsrConv, BsrConvImpl, ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BsrConvSddmm, BsrConvSddmmImpl, ConvBinding());

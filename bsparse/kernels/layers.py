@@ -22,7 +22,7 @@ form before its blocks are pruned runs at dense speed until a repack shrinks its
 The gradient of the scatter, a gather of the dense weight gradient, is the stored blocks'
 gradient.
 
-``BlockSparseConv`` at stride 1 on the ``'cpu'`` kernels convolves in place
+``BlockSparseConv`` on the ``'cpu'`` kernels convolves in place
 (``ops.bsr_conv``): every stored block's taps read the input pixels where they lie. Otherwise it
 computes the convolution as patches (im2col) times a block-sparse
 ``(Cin*kh*kw, Cout)`` matrix: ``lax.conv_general_dilated_patches`` orders patch features
@@ -49,7 +49,7 @@ from bsparse.kernels.ops import blocks_cotangent, bsr_conv, bsr_matmul, convolve
 INDEX_COLLECTION = "bsr_index"
 Shape2 = tuple[int, int]
 # The most bytes of patches a convolution builds at once (larger ones go in slabs of rows;
-# a stride-1 conv on the 'cpu' kernels builds none). 8 MiB puts the CNN's conv2 in slabs of
+# a conv on the 'cpu' kernels builds none). 8 MiB puts the CNN's conv2 in slabs of
 # 2 of its 14 rows at batch 128 and 256: its train step held 58 instead of 89 MB of
 # temporaries, its evaluation at 256 48 instead of 88 MB.
 PATCH_BYTES = 8 << 20
@@ -156,13 +156,13 @@ def conv(x, w: bsr_lib.BSR, taps: Sequence[int], strides: Sequence[int], padding
          in_place: bool = True) -> jax.Array:
   """``patches(x) @ W`` for NHWC ``x`` and the ``(C*kh*kw, Cout)`` weight: ``(N, Ho, Wo, Cout)``.
 
-  At stride 1 on the ``'cpu'`` kernels (and ``in_place``) no patch matrix is built:
+  On the ``'cpu'`` kernels (and ``in_place``) no patch matrix is built:
   ``ops.bsr_conv`` reads each tap's pixels in place. Otherwise, where the whole patch
   matrix would pass ``patch_bytes`` (default ``PATCH_BYTES``), the forward and backward
   passes build and multiply it a slab of output rows at a time (``_in_slabs``).
   """
-  if in_place and convolves_in_place(impl, w, x.dtype, strides):
-    return bsr_conv(x, w, taps, _pads(x, taps, strides, padding))
+  if in_place and convolves_in_place(impl, w, x.dtype):
+    return bsr_conv(x, w, taps, _pads(x, taps, strides, padding), strides)
   x = _pad(x, taps, strides, padding)
   ho, wo = _out_size(x, taps, strides)
   rows = slab_rows(ho, x.shape[0] * wo * w.shape[0] * x.dtype.itemsize, patch_bytes)

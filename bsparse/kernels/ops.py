@@ -1,5 +1,5 @@
 """``bsr_matmul``: the one entry point for block-sparse products, and its dispatch (and
-``bsr_conv``, the stride-1 convolution that the ``'cpu'`` kernels compute without patches).
+``bsr_conv``, the convolution that the ``'cpu'`` kernels compute without patches).
 
 ``bsr_matmul(x, w, transpose=False, impl=None, interpret=None)`` computes ``x @ W`` (or
 ``x @ W.T``) for a ``BSR`` weight ``w`` and ``x`` with any leading dims, under a
@@ -190,29 +190,32 @@ def blocks_cotangent(w: bsr_lib.BSR, dblocks: jax.Array) -> bsr_lib.BSR:
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def convolves_in_place(impl: str | None, w: bsr_lib.BSR, dtype, strides) -> bool:
-  """Whether ``bsr_conv`` takes a convolution: stride 1 on the ``'cpu'`` kernels."""
-  return tuple(strides) == (1, 1) and resolve_impl(impl, w, dtype) == "cpu"
+def convolves_in_place(impl: str | None, w: bsr_lib.BSR, dtype) -> bool:
+  """Whether ``bsr_conv`` takes a convolution: on the ``'cpu'`` kernels."""
+  return resolve_impl(impl, w, dtype) == "cpu"
 
 
-def bsr_conv(x: jax.Array, w: bsr_lib.BSR, taps, padding) -> jax.Array:
-  """The stride-1 convolution of NHWC ``x`` ``(N, H, W, Cin)`` by the block-sparse taps of
-  ``w``, the ``(Cin*kh*kw, Cout)`` weight of a ``BlockSparseConv``, zero-padded by
-  ``padding`` ``((top, bottom), (left, right))`` (as ``lax.conv_general_dilated``'s), with
-  the ``'cpu'`` kernels: each output line copies the input rows it reads into a padded
+def bsr_conv(x: jax.Array, w: bsr_lib.BSR, taps, padding, strides=(1, 1)) -> jax.Array:
+  """The convolution of NHWC ``x`` ``(N, H, W, Cin)`` by the block-sparse taps of ``w``,
+  the ``(Cin*kh*kw, Cout)`` weight of a ``BlockSparseConv``, with ``strides``, zero-padded
+  by ``padding`` ``((top, bottom), (left, right))`` (as ``lax.conv_general_dilated``'s),
+  with the ``'cpu'`` kernels: each output line copies the input rows it reads into a padded
   window and every tap reads it in place, so neither a patch matrix nor a padded copy of
   ``x`` is built (``convolves_in_place`` says when it applies).
 
-  Its gradient: ``dx`` is the convolution of ``dy`` by the flipped, transposed taps,
-  padded by ``(kh-1-top, kw-1-left)``; each stored block's gradient sums ``x[.., rows[k]].T
-  @ dy[.., cols[k]]`` over the pixels, per tap. Inside ``split_batch`` both run on each
+  Its gradient: ``dx`` is the stride-1 convolution of ``dy``, spread out by the strides
+  (``s - 1`` zeros between neighbours), by the flipped, transposed taps, padded by
+  ``(kh-1-top, kw-1-left)``; each stored block's gradient sums ``x[.., rows[k]].T @
+  dy[.., cols[k]]`` over the pixels, per tap. Inside ``split_batch`` both run on each
   device's images, the block gradient summed over devices.
 
-  Returns ``(N, H+top+bottom-kh+1, W+left+right-kw+1, Cout)`` in ``x.dtype``.
+  Returns ``(N, (H+top+bottom-kh)//sh + 1, (W+left+right-kw)//sw + 1, Cout)`` in
+  ``x.dtype``.
   """
-  taps = tuple(int(t) for t in taps)
+  taps, strides = tuple(int(t) for t in taps), tuple(int(s) for s in strides)
   (top, bottom), (left, right) = ((int(a), int(b)) for a, b in padding)
-  out_hw = (x.shape[1] + top + bottom - taps[0] + 1, x.shape[2] + left + right - taps[1] + 1)
+  out_hw = ((x.shape[1] + top + bottom - taps[0]) // strides[0] + 1,
+            (x.shape[2] + left + right - taps[1]) // strides[1] + 1)
   # The kernels pad by less than a tap's reach at the top and left; XLA pads (or crops)
   # what lies beyond.
   inner = (min(max(top, 0), taps[0] - 1), min(max(left, 0), taps[1] - 1))
@@ -220,27 +223,33 @@ def bsr_conv(x: jax.Array, w: bsr_lib.BSR, taps, padding) -> jax.Array:
   if outer != (0, 0):
     x = jax.lax.pad(x, jnp.zeros((), x.dtype),
                     ((0, 0, 0), (outer[0], 0, 0), (outer[1], 0, 0), (0, 0, 0)))
-  return _conv(taps, inner, out_hw, _split_for(x.shape[0]), x, w)
+  return _conv(taps, inner, out_hw, strides, _split_for(x.shape[0]), x, w)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _conv(taps, pad, out_hw, split, x, w):
-  product = lambda x, w: cpu.conv(x, w, taps, pad, out_hw)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _conv(taps, pad, out_hw, strides, split, x, w):
+  product = lambda x, w: cpu.conv(x, w, taps, pad, out_hw, strides)
   return _per_shard(product, split, (True, False), True)(x, w)
 
 
-def _conv_fwd(taps, pad, out_hw, split, x, w):
-  return _conv(taps, pad, out_hw, split, x, w), (x, w)
+def _conv_fwd(taps, pad, out_hw, strides, split, x, w):
+  return _conv(taps, pad, out_hw, strides, split, x, w), (x, w)
 
 
-def _conv_bwd(taps, pad, out_hw, split, res, dy):
+def _conv_bwd(taps, pad, out_hw, strides, split, res, dy):
   x, w = res
   back_pad = (taps[0] - 1 - pad[0], taps[1] - 1 - pad[1])
-  back = lambda dy, w: cpu.conv(dy, w, taps, back_pad, x.shape[1:3], transpose=True)
+
+  def back(dy, w):
+    if strides != (1, 1):  # dy[h, w] sits at (h*sh, w*sw), zeros in between
+      dy = jax.lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0), (0, 0, strides[0] - 1),
+                                                     (0, 0, strides[1] - 1), (0, 0, 0)))
+    return cpu.conv(dy, w, taps, back_pad, x.shape[1:3], transpose=True)
+
   dx = _per_shard(back, split, (True, False), True)(dy, w)
 
   def sampled(x, dy, w):  # this device's images' share of every stored block's gradient
-    d = cpu.conv_sddmm(x, dy, w, taps, pad)
+    d = cpu.conv_sddmm(x, dy, w, taps, pad, strides)
     return d if split is None else jax.lax.psum(d, split[1])
 
   dblocks = _per_shard(sampled, split, (True, True, False), False)(x, dy, w)
