@@ -190,11 +190,12 @@ def _window(pad, strides) -> dict[str, int]:
               stride_w=int(strides[1]))
 
 
-# The entries' own copies cost up to this many times the block-major copies of x and dy:
-# they stay in cache while the entry's taps read them, where XLA's transposes go through
-# memory (conv2 of configs/cnn_fmnist.py, batch 128: the trainer's step at a tenth of its
-# 128 blocks, 13 entries, ran faster with them, and at a quarter, 32, slower;
-# `python -m benchmarks.dense_from`).
+# The entries' own copies may cost up to this many times the block-major copies of x and
+# dy: they stay in cache while the entry's taps read them, where XLA's transposes go
+# through memory. conv2 of configs/cnn_fmnist.py at batch 128: at a tenth of its 128
+# blocks (13 entries) its forward and backward pass ran faster with them
+# (`python -m benchmarks.bsr_conv`), at a quarter (32) the trainer's step ran slower
+# (`python -m benchmarks.dense_from`).
 _ENTRY_COPY_RATIO = 2.0
 
 
