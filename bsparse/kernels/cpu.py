@@ -156,28 +156,79 @@ def sddmm(a: jax.Array, b: jax.Array, w: bsr_lib.BSR, interpret: bool = False) -
                b.astype(jnp.float32), w.rows, w.cols, w.nnz.reshape(1))
 
 
-def conv(x: jax.Array, w: bsr_lib.BSR, taps, pad, out_hw, strides=(1, 1),
-         transpose: bool = False) -> jax.Array:
+def conv(x: jax.Array, w: bsr_lib.BSR, taps, pad, out_hw, strides=(1, 1)) -> jax.Array:
   """The convolution of NHWC ``x`` by the taps of ``w`` with ``strides``, zero-padded by
   ``pad = (top, left)`` (each below its tap count; below and right as far as ``out_hw``
   asks), read in place: no patch matrix, no padded copy of ``x``.
 
   Args:
-    x: ``(N, H, W, Cin)``, or with ``transpose`` ``(N, H, W, Cout)``.
+    x: ``(N, H, W, Cin)``.
     w: the ``(Cin*kh*kw, Cout)`` weight of a ``BlockSparseConv``.
     taps: ``(kh, kw)``.
     out_hw: ``(Ho, Wo)``.
-    transpose: convolve by the transposed, flipped taps instead (``Cout`` to ``Cin``): the
-      input gradient of a stride-1 convolution padded by ``(pt, pl)`` when ``x`` is its
-      output gradient and ``pad`` is ``(kh-1-pt, kw-1-pl)`` (of a strided one when ``x``
-      is that gradient spread out by the strides, ``ops.bsr_conv``).
   Returns:
-    ``(N, Ho, Wo, Cout)`` (``Cin`` with ``transpose``) in ``x.dtype``.
+    ``(N, Ho, Wo, Cout)`` in ``x.dtype``.
   """
-  blocks, src = bsr_lib.tap_blocks(w, taps), w.rows
-  if transpose:
-    blocks, src = jnp.swapaxes(blocks[:, ::-1, ::-1], 3, 4), w.cols
-  entry, offsets = bsr_lib.group_offsets(w, transpose)
+  entry, offsets = bsr_lib.group_offsets(w)
+  return _conv_call(x, bsr_lib.tap_blocks(w, taps), w.rows, entry, offsets, pad, out_hw,
+                    strides)
+
+
+def conv_input_grad(dy: jax.Array, w: bsr_lib.BSR, taps, pad, strides, in_hw) -> jax.Array:
+  """The gradient for ``x`` of ``conv(x, w, taps, pad, out_hw, strides)`` given its output
+  gradient ``dy`` ``(N, Ho, Wo, Cout)``: ``(N, *in_hw, Cin)`` in ``dy.dtype``.
+
+  Along an axis with stride ``s``, tap count ``k`` and padding ``p``, input row ``s*q + r``
+  (phase ``r < s``) takes its gradient from the taps ``i = r + p (mod s)`` only: from
+  ``dy[q + c - j]`` through tap ``i0 + s*j``, where ``i0 = (r + p) % s`` and ``c = (r + p -
+  i0) / s``. Each phase is one stride-1 convolution of ``dy`` by that phase's flipped,
+  transposed taps (``sh*sw`` of them, one at stride 1), and the phases
+  interleave into the input's rows and columns: no zero is multiplied.
+  """
+  flipped = jnp.swapaxes(bsr_lib.tap_blocks(w, taps)[:, ::-1, ::-1], 3, 4)
+  entry, offsets = bsr_lib.group_offsets(w, transpose=True)
+  cin = (offsets.shape[0] - 1) * flipped.shape[-1]
+  sizes = [-(-n // s) for n, s in zip(in_hw, strides)]  # rows and columns of phase 0
+  phases = []
+  for rh in range(strides[0]):
+    for rw in range(strides[1]):
+      axes = [_phase(r, k, p, s, n) for r, k, p, s, n in
+              zip((rh, rw), taps, pad, strides, in_hw)]
+      shape = (dy.shape[0], axes[0][3], axes[1][3], cin)
+      if any(a[1] == 0 for a in axes):  # no tap reaches this phase
+        part = jnp.zeros(shape, dy.dtype)
+      else:
+        (fh, jh, ph, qh), (fw, jw, pw, qw) = axes
+        sub = flipped[:, fh:fh + strides[0] * (jh - 1) + 1:strides[0],
+                      fw:fw + strides[1] * (jw - 1) + 1:strides[1]]
+        # The kernel pads by less than a tap's reach at the top and left; XLA pads or
+        # crops what lies beyond.
+        inner = (min(max(ph, 0), jh - 1), min(max(pw, 0), jw - 1))
+        d = jax.lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0), (ph - inner[0], 0, 0),
+                                                      (pw - inner[1], 0, 0), (0, 0, 0)))
+        part = _conv_call(d, sub, w.cols, entry, offsets, inner, (qh, qw), (1, 1))
+      phases.append(jnp.pad(part, ((0, 0), (0, sizes[0] - shape[1]),
+                                   (0, sizes[1] - shape[2]), (0, 0))))
+  # (sh*sw, N, Qh, Qw, C) -> (N, Qh, sh, Qw, sw, C): row s*q + r of phase r.
+  grid = jnp.stack(phases).reshape(*strides, dy.shape[0], *sizes, cin)
+  dx = jnp.transpose(grid, (2, 3, 0, 4, 1, 5)).reshape(
+      dy.shape[0], sizes[0] * strides[0], sizes[1] * strides[1], cin)
+  return dx[:, :in_hw[0], :in_hw[1]]
+
+
+def _phase(r: int, k: int, p: int, s: int, n: int) -> tuple[int, int, int, int]:
+  """One axis of ``conv_input_grad``'s phase ``r``: ``(first, count, pad, rows)``, its taps
+  ``flipped[first::s][:count]``, the top padding of ``dy`` that its stride-1 convolution
+  needs (negative: a crop), and the input rows ``r, r + s, ...`` below ``n``."""
+  i0 = (r + p) % s
+  count = max(0, -(-(k - i0) // s))
+  c = (r + p - i0) // s
+  return k - 1 - i0 - s * (count - 1), count, count - 1 - c, -(-(n - r) // s)
+
+
+def _conv_call(x, blocks, src, entry, offsets, pad, out_hw, strides) -> jax.Array:
+  """``bsparse_bsr_conv`` of NHWC ``x`` by ``(nnz_max, kh, kw, bk, bo)`` tap ``blocks``
+  read from input blocks ``src``, in ``x.dtype``."""
   shape = (x.shape[0], *out_hw, (offsets.shape[0] - 1) * blocks.shape[-1])
   y = _call("bsparse_bsr_conv", shape, x.astype(jnp.float32), blocks.astype(jnp.float32),
             src, entry, offsets, **_window(pad, strides))

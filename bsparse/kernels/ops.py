@@ -203,9 +203,9 @@ def bsr_conv(x: jax.Array, w: bsr_lib.BSR, taps, padding, strides=(1, 1)) -> jax
   window and every tap reads it in place, so neither a patch matrix nor a padded copy of
   ``x`` is built (``convolves_in_place`` says when it applies).
 
-  Its gradient: ``dx`` is the stride-1 convolution of ``dy``, spread out by the strides
-  (``s - 1`` zeros between neighbours), by the flipped, transposed taps, padded by
-  ``(kh-1-top, kw-1-left)``; each stored block's gradient sums ``x[.., rows[k]].T @
+  Its gradient: ``dx`` is the convolution of ``dy`` by the flipped, transposed taps, padded
+  by ``(kh-1-top, kw-1-left)``, one stride-1 convolution per phase of the strides
+  (``cpu.conv_input_grad``); each stored block's gradient sums ``x[.., rows[k]].T @
   dy[.., cols[k]]`` over the pixels, per tap. Inside ``split_batch`` both run on each
   device's images, the block gradient summed over devices.
 
@@ -238,14 +238,7 @@ def _conv_fwd(taps, pad, out_hw, strides, split, x, w):
 
 def _conv_bwd(taps, pad, out_hw, strides, split, res, dy):
   x, w = res
-  back_pad = (taps[0] - 1 - pad[0], taps[1] - 1 - pad[1])
-
-  def back(dy, w):
-    if strides != (1, 1):  # dy[h, w] sits at (h*sh, w*sw), zeros in between
-      dy = jax.lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0), (0, 0, strides[0] - 1),
-                                                     (0, 0, strides[1] - 1), (0, 0, 0)))
-    return cpu.conv(dy, w, taps, back_pad, x.shape[1:3], transpose=True)
-
+  back = lambda dy, w: cpu.conv_input_grad(dy, w, taps, pad, strides, x.shape[1:3])
   dx = _per_shard(back, split, (True, False), True)(dy, w)
 
   def sampled(x, dy, w):  # this device's images' share of every stored block's gradient
