@@ -174,6 +174,18 @@ def conv(x: jax.Array, w: bsr_lib.BSR, taps, pad, out_hw, strides=(1, 1)) -> jax
                     strides)
 
 
+def pad_beyond_taps(x: jax.Array, pad, taps) -> tuple[jax.Array, tuple[int, int]]:
+  """Splits a convolution's top and left padding ``pad`` of NHWC ``x`` between the kernels,
+  which pad by less than a tap's reach, and XLA, which pads (or, where negative, crops)
+  what lies beyond: ``(x as the kernels take it, their padding)``."""
+  inner = tuple(min(max(p, 0), k - 1) for p, k in zip(pad, taps))
+  outer = (pad[0] - inner[0], pad[1] - inner[1])
+  if outer != (0, 0):
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                    ((0, 0, 0), (outer[0], 0, 0), (outer[1], 0, 0), (0, 0, 0)))
+  return x, inner
+
+
 def conv_input_grad(dy: jax.Array, w: bsr_lib.BSR, taps, pad, strides, in_hw) -> jax.Array:
   """The gradient for ``x`` of ``conv(x, w, taps, pad, out_hw, strides)`` given its output
   gradient ``dy`` ``(N, Ho, Wo, Cout)``: ``(N, *in_hw, Cin)`` in ``dy.dtype``.
@@ -201,11 +213,7 @@ def conv_input_grad(dy: jax.Array, w: bsr_lib.BSR, taps, pad, strides, in_hw) ->
         (fh, jh, ph, qh), (fw, jw, pw, qw) = axes
         sub = flipped[:, fh:fh + strides[0] * (jh - 1) + 1:strides[0],
                       fw:fw + strides[1] * (jw - 1) + 1:strides[1]]
-        # The kernel pads by less than a tap's reach at the top and left; XLA pads or
-        # crops what lies beyond.
-        inner = (min(max(ph, 0), jh - 1), min(max(pw, 0), jw - 1))
-        d = jax.lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0), (ph - inner[0], 0, 0),
-                                                      (pw - inner[1], 0, 0), (0, 0, 0)))
+        d, inner = pad_beyond_taps(dy, (ph, pw), (jh, jw))
         part = _conv_call(d, sub, w.cols, entry, offsets, inner, (qh, qw), (1, 1))
       phases.append(jnp.pad(part, ((0, 0), (0, sizes[0] - shape[1]),
                                    (0, sizes[1] - shape[2]), (0, 0))))

@@ -216,13 +216,7 @@ def bsr_conv(x: jax.Array, w: bsr_lib.BSR, taps, padding, strides=(1, 1)) -> jax
   (top, bottom), (left, right) = ((int(a), int(b)) for a, b in padding)
   out_hw = ((x.shape[1] + top + bottom - taps[0]) // strides[0] + 1,
             (x.shape[2] + left + right - taps[1]) // strides[1] + 1)
-  # The kernels pad by less than a tap's reach at the top and left; XLA pads (or crops)
-  # what lies beyond.
-  inner = (min(max(top, 0), taps[0] - 1), min(max(left, 0), taps[1] - 1))
-  outer = (top - inner[0], left - inner[1])
-  if outer != (0, 0):
-    x = jax.lax.pad(x, jnp.zeros((), x.dtype),
-                    ((0, 0, 0), (outer[0], 0, 0), (outer[1], 0, 0), (0, 0, 0)))
+  x, inner = cpu.pad_beyond_taps(x, (top, left), taps)
   return _conv(taps, inner, out_hw, strides, _split_for(x.shape[0]), x, w)
 
 
