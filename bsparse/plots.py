@@ -46,13 +46,9 @@ def load_block_norms(path: str) -> dict[str, tuple[np.ndarray, tuple[int, int]]]
     return {n: (data[f"norms/{n}"], tuple(int(v) for v in data[f"block/{n}"])) for n in names}
 
 
-def plot_masks(params, path: str) -> str | None:
-  """One panel per KPD term: block norms ``|S_ij| * ||sum_k A_kij B_k||`` (0 = pruned)."""
-  return plot_block_norms(block_norms(params), path)
-
-
 def plot_block_norms(norms: dict, path: str) -> str | None:
-  """Draws ``block_norms``' panels (blank = pruned block); None when there are none."""
+  """One panel per KPD term of ``block_norms``' output (blank = pruned block); None when
+  there are none."""
   if not norms:
     return None
   cols = min(4, len(norms))
