@@ -224,7 +224,6 @@ ffi::Error CheckEntries(const char* name, const int32_t* rp, const int32_t* cp,
   return ffi::Error::Success();
 }
 
-// Checks a convolution's top and left padding against its taps (each in [0, taps)).
 // Checks a convolution's padding (below its taps) and strides (positive).
 ffi::Error CheckWindow(const char* name, int64_t pad_top, int64_t pad_left, int64_t kh,
                        int64_t kw, int64_t sh, int64_t sw) {
