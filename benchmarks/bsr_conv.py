@@ -1,7 +1,7 @@
 r"""Block-sparse convolution: in place, or its patch matrix whole or in slabs, against a
 dense conv.
 
-  python -m benchmarks.bsr_conv                       # the CNN's conv2 and two ResNet convs
+  python -m benchmarks.bsr_conv      # the CNN's conv2 (4x4 and 2x2 blocks), two ResNet convs
   python -m benchmarks.bsr_conv --batches=1000 --passes=fwd
 
 On the ``cpu`` kernels a ``BlockSparseConv`` convolves in place
@@ -38,7 +38,8 @@ _PATCH_BYTES = flags.DEFINE_integer(
     "kernels.layers.PATCH_BYTES).")
 
 # name: (H = W, Cin, Cout, (bm, bn), stride); 3x3 taps, SAME padding.
-LAYERS = {"cnn conv2": (14, 32, 64, (4, 4), 1), "resnet stage-1 conv": (32, 16, 16, (4, 4), 1),
+LAYERS = {"cnn conv2": (14, 32, 64, (4, 4), 1), "cnn conv2, 2x2 blocks": (14, 32, 64, (2, 2), 1),
+          "resnet stage-1 conv": (32, 16, 16, (4, 4), 1),
           "resnet stage-2 first conv": (32, 16, 32, (4, 4), 2)}
 
 

@@ -195,9 +195,18 @@ def test_conv_in_slabs_matches_lax_conv_forward_and_gradients(monkeypatch, impl,
     (6, 10, (2, 5), (1, 1), (7, 5), (2, 3), "VALID", [[1, 0], [0, 1], [1, 1]]),  # 1x1 strided
     (8, 12, (4, 6), (3, 2), (10, 11), (3, 2), ((2, 1), (0, 2)), [[0, 1], [1, 1]]),
     (8, 12, (4, 6), (3, 3), (9, 10), (2, 2), ((2, 1), (2, 0)), [[1, 1], [0, 1]]),  # a crop
-    (8, 12, (4, 6), (2, 2), (11, 7), (3, 3), "SAME", [[1, 0], [1, 1]])])  # untapped phases
+    (8, 12, (4, 6), (2, 2), (11, 7), (3, 3), "SAME", [[1, 0], [1, 1]]),  # untapped phases
+    # Blocks at most cpu.NARROW wide: output pixels in the vector lanes; lines longer than
+    # a register tile's pixels and images taller than a chunk of the block gradient's lines
+    (8, 12, (4, 4), (3, 3), (19, 37), (1, 1), "SAME", [[1, 0, 1], [0, 1, 1]]),
+    (6, 8, (2, 2), (3, 5), (6, 9), (1, 1), ((2, 0), (1, 3)), [[1, 0, 0, 1], [0, 0, 0, 0],
+                                                              [1, 1, 0, 1]]),
+    (6, 8, (2, 2), (3, 3), (9, 8), (1, 1), ((3, -1), (-1, 2)), [[0, 1, 0, 0], [1, 0, 0, 1],
+                                                                [0, 0, 1, 1]]),
+    (9, 4, (3, 1), (1, 1), (4, 3), (1, 1), "VALID", [[1, 0, 1, 1], [0, 1, 0, 0], [1, 1, 0, 1]]),
+    (9, 4, (3, 2), (2, 2), (7, 5), (2, 1), "SAME", [[1, 0], [0, 1], [1, 1]])])  # sh 2, sw 1
 # The block gradient's kernel copies each entry's channel blocks out of x and dy (inf), or
-# reads block-major copies of both (0).
+# reads block-major copies of both (0); narrow blocks at unit strides take neither.
 @pytest.mark.parametrize("copy_ratio", [math.inf, 0.0])
 def test_conv_in_place_matches_lax_conv_forward_and_gradients(monkeypatch, copy_ratio, cin,
                                                               cout, block, taps, hw, strides,
@@ -399,7 +408,7 @@ def test_conv_benchmark_times_one_convolution_in_every_form():
                        timeout=300).stdout
   cells = [r.split("|")[1:-1] for r in out.splitlines() if r.startswith("| ")]
   rows = [c for c in cells if c[1].strip().isdigit()]  # not the header
-  assert len(rows) == 3 * 4  # three layers, four forms, batch 2, forward only
+  assert len(rows) == 4 * 4  # four layers, four forms, batch 2, forward only
   assert {r[3].strip() for r in rows} == {"dense conv", "BSR, patches whole",
                                           "BSR, patches in slabs", "BSR, in place"}
   assert all(float(r[4]) > 0 and r[2].strip() == "fwd" for r in rows)

@@ -36,7 +36,12 @@ from bsparse.kernels import bsr as bsr_lib
 SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 TARGETS = {"bsparse_bsr_matmul": "BsrMatmul", "bsparse_bsr_sddmm": "BsrSddmm",
-           "bsparse_bsr_conv": "BsrConv", "bsparse_bsr_conv_sddmm": "BsrConvSddmm"}
+           "bsparse_bsr_conv": "BsrConv", "bsparse_bsr_conv_sddmm": "BsrConvSddmm",
+           "bsparse_bsr_conv_sddmm_by_pixels": "BsrConvSddmmByPixels"}
+# Blocks at most this wide, at unit stride, put output pixels rather than channels in the
+# kernels' vector lanes (LANES of them): a 2-wide block would leave 6 of 8 lanes idle.
+NARROW = 4
+LANES = 8
 
 
 class BuildError(RuntimeError):
@@ -273,9 +278,12 @@ def conv_sddmm(x: jax.Array, dy: jax.Array, w: bsr_lib.BSR, taps, pad, strides=(
   """The gradient of ``conv`` (padded by ``pad``, with ``strides``) for the stored blocks:
   ``(nnz_max, bm*kh*kw, bn)`` f32 in the layout of ``w.blocks`` (zero for padding).
 
-  Each entry reads its channel block of ``x`` and of ``dy`` as a contiguous slab. With few
-  entries the kernel copies them out of the NHWC arrays itself, entry by entry; with more
-  it reads block-major copies of both (XLA transposes), made once (``_copies_per_entry``).
+  At unit strides with blocks at most ``NARROW`` on each side the kernel copies chunks of
+  each image's rows of ``x`` and ``dy`` channel-major and reads ``LANES`` neighbouring
+  pixels at a time. Otherwise each entry reads its channel block of ``x`` and of ``dy`` as
+  a contiguous slab: with few entries the kernel copies them out of the NHWC arrays itself,
+  entry by entry; with more it reads block-major copies of both (XLA transposes), made once
+  (``_copies_per_entry``).
 
   Args:
     x: the input ``(N, H, W, Cin)``; dy: the output gradient ``(N, Ho, Wo, Cout)``.
@@ -283,12 +291,18 @@ def conv_sddmm(x: jax.Array, dy: jax.Array, w: bsr_lib.BSR, taps, pad, strides=(
   (kh, kw), bn = taps, w.block_shape[1]
   bm = w.block_shape[0] // (kh * kw)
   x, dy = x.astype(jnp.float32), dy.astype(jnp.float32)
+  shape = (w.nnz_max, kh, kw, bm, bn)
+  if tuple(strides) == (1, 1) and max(bm, bn) <= NARROW:
+    out = _call("bsparse_bsr_conv_sddmm_by_pixels", shape, x, dy, w.rows, w.cols,
+                w.nnz.reshape(1), **_window(pad, strides))
+    return bsr_lib.patch_blocks(out)
   if not _copies_per_entry(x.shape, dy.shape, w.nnz_max, bm, bn):
 
     def block_major(a, width):  # (N, H, W, C) -> (C/width, N, H, W, width)
       return jnp.moveaxis(a.reshape(*a.shape[:3], -1, width), 3, 0)
 
     x, dy = block_major(x, bm), block_major(dy, bn)
-  out = _call("bsparse_bsr_conv_sddmm", (w.nnz_max, kh, kw, bm, bn), x, dy, w.rows, w.cols,
-              w.nnz.reshape(1), **_window(pad, strides))
+  out = _call("bsparse_bsr_conv_sddmm", shape, x, dy, w.rows, w.cols, w.nnz.reshape(1),
+              **_window(pad, strides))
   return bsr_lib.patch_blocks(out)
+

@@ -19,13 +19,17 @@
 //     and taps (i, j) of xpad[n, h*sh+i, w*sw+j, src[e]*bk : +bk] @ blocks[e, i, j],
 //     blocks (nnz_max, kh, kw, bk, bo), y (N, Ho, Wo, G*bo). No patch matrix and no padded
 //     copy of x: each line of output pixels copies the kh input rows it reads into a
-//     padded window, and each tap's term reads that window in place.
+//     padded window, and each tap's term reads that window in place. Output channels fill
+//     the vector lanes, or, for output blocks at most kNarrow wide at unit stride along w,
+//     output pixels do (the window then channel-major).
 //   bsparse_bsr_conv_sddmm: the taps' gradient, out (nnz_max, kh, kw, bm, bn),
 //     out[e, i, j] = the sum over (n, h, w) of xpad[n, h*sh+i, w*sw+j, rows[e]-block].T @
 //     dy[n, h, w, cols[e]-block], padded as bsparse_bsr_conv; zero for padding entries.
 //     x and dy are NHWC, (N, H, W, C) and (N, Ho, Wo, Cout), whose channel blocks each
 //     entry copies out (the cheaper form when the entries are few), or block-major,
 //     (C/bm, N, H, W, bm) and (Cout/bn, N, Ho, Wo, bn), read in place.
+//   bsparse_bsr_conv_sddmm_by_pixels: the same for unit strides and blocks at most kNarrow
+//     on each side, from NHWC x and dy, with output pixels in the vector lanes.
 //
 // Work is split over the XLA CPU client's intra-op thread pool; the calling thread takes
 // work items too, so the kernels never wait on a pool that is busy elsewhere.
@@ -326,6 +330,188 @@ ffi::Error BsrSddmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
 }
 
 constexpr int64_t kConvPixels = 64;  // output pixels (whole lines of them) per work item
+constexpr int64_t kLanes = 8;        // floats per v8: pixels per vector of the lane forms
+constexpr int kNarrow = 4;           // widest block the pixel-lane forms take
+constexpr int kChunkVectors = 4;     // pixel vectors per register tile of a line
+
+// The operands and geometry of one bsparse_bsr_conv call (see the file comment).
+struct Conv {
+  const float* x;
+  const float* blocks;
+  const int32_t *src, *entry, *offsets;
+  float* y;
+  int64_t n, h_in, w_in, c, kh, kw, bk, bo, groups, ho, wo, pad_top, pad_left, sh, sw;
+
+  int64_t lines() const { return n * ho; }
+  int64_t n_out() const { return groups * bo; }
+  int64_t lines_per_item() const { return std::max<int64_t>(1, kConvPixels / wo); }
+  int64_t items() const { return (lines() + lines_per_item() - 1) / lines_per_item(); }
+  // The most terms of one output block: its entries times the taps.
+  int64_t most_terms() const {
+    int64_t most = 1;
+    for (int64_t g = 0; g < groups; ++g) {
+      most = std::max<int64_t>(most, offsets[g + 1] - offsets[g]);
+    }
+    return most * kh * kw;
+  }
+  // Input row of output line `line`'s tap row dh, and whether it lies inside x.
+  int64_t InputRow(int64_t line, int64_t dh) const { return line % ho * sh + dh - pad_top; }
+  bool Inside(int64_t ih) const { return ih >= 0 && ih < h_in; }
+  // The terms of output block g: each stored entry's taps whose input row lies inside x
+  // (a padding row adds nothing); at(dh, dw, ch) points where tap (dh, dw) reads channel
+  // ch of the tile's first output pixel. Returns their count.
+  template <typename At>
+  int64_t Terms(int64_t g, const bool* inside, const At& at, Term* terms) const {
+    int64_t t = 0;
+    for (int64_t i = offsets[g]; i < offsets[g + 1]; ++i) {
+      const int64_t e = entry[i];
+      for (int64_t dh = 0; dh < kh; ++dh) {
+        if (!inside[dh]) continue;
+        for (int64_t dw = 0; dw < kw; ++dw) {
+          terms[t++] = {at(dh, dw, src[e] * bk), blocks + ((e * kh + dh) * kw + dw) * bk * bo};
+        }
+      }
+    }
+    return t;
+  }
+};
+
+// The channels-in-lanes form: a tile's rows are output pixels, its columns (the lanes)
+// output channels. A work item writes whole output lines (every group): narrow output
+// blocks of one pixel share cache lines, which two threads writing them would pass back
+// and forth.
+void ConvByChannels(ffi::ThreadPool& pool, const Conv& cv) {
+  const int64_t wp = (cv.wo - 1) * cv.sw + cv.kw, c = cv.c, kh = cv.kh;
+  const int64_t copied = std::max<int64_t>(0, std::min(cv.w_in, wp - cv.pad_left));
+  const int64_t most = cv.most_terms(), per_item = cv.lines_per_item();
+  const Strides s{cv.sw * c, 1, cv.bo, cv.bk};  // a tile's rows are pixels sw apart
+  ParallelFor(pool, cv.items(), [&](int64_t r) {
+    std::unique_ptr<Term[]> terms(new Term[2 * most]);
+    // The kh input rows a line reads, zero-padded to wp pixels: window[dh] holds input
+    // row h*sh + dh - pad_top at columns [pad_left, pad_left + w_in).
+    std::unique_ptr<float[]> window(new float[kh * wp * c]());
+    std::unique_ptr<bool[]> inside(new bool[kh]);
+    for (int64_t line = r * per_item; line < std::min(cv.lines(), (r + 1) * per_item);
+         ++line) {
+      const int64_t b = line / cv.ho;
+      for (int64_t dh = 0; dh < kh; ++dh) {
+        const int64_t ih = cv.InputRow(line, dh);
+        inside[dh] = cv.Inside(ih);
+        if (inside[dh] && copied > 0) {
+          std::memcpy(window.get() + (dh * wp + cv.pad_left) * c,
+                      cv.x + ((b * cv.h_in + ih) * cv.w_in) * c, copied * c * sizeof(float));
+        }
+      }
+      const auto at = [&](int64_t dh, int64_t dw, int64_t ch) {
+        return window.get() + (dh * wp + dw) * c + ch;
+      };
+      for (int64_t g = 0; g < cv.groups; ++g) {
+        const int64_t t = cv.Terms(g, inside.get(), at, terms.get());
+        float* out = cv.y + line * cv.wo * cv.n_out() + g * cv.bo;
+        OutputTile(terms.get(), t, s, cv.wo, cv.bo, out, cv.n_out(), /*accumulate=*/false,
+                   terms.get() + most, /*tall=*/true);
+      }
+    }
+  });
+}
+
+// out[(j*NV + v)*kLanes + l] = the sum over terms and t < bk of
+// a[t*lda + v*kLanes + l] * b[t*BO + j]: BO output channels of NV*kLanes pixels, the
+// pixels in the lanes.
+template <int BO, int NV>
+void PixelTile(const Term* terms, int64_t n_terms, int64_t bk, int64_t lda, float* out) {
+  using L = Lane<v8>;
+  v8 acc[BO][NV];
+  for (int j = 0; j < BO; ++j) {
+    for (int v = 0; v < NV; ++v) acc[j][v] = L::Splat(0.f);
+  }
+  for (int64_t i = 0; i < n_terms; ++i) {
+    const float* a = terms[i].a;
+    const float* b = terms[i].b;
+    for (int64_t t = 0; t < bk; ++t, a += lda, b += BO) {
+      v8 av[NV];
+      for (int v = 0; v < NV; ++v) av[v] = L::Load(a + v * kLanes);
+      for (int j = 0; j < BO; ++j) {
+        const v8 bv = L::Splat(b[j]);
+        for (int v = 0; v < NV; ++v) acc[j][v] += bv * av[v];
+      }
+    }
+  }
+  for (int j = 0; j < BO; ++j) {
+    for (int v = 0; v < NV; ++v) L::Store(out + (j * NV + v) * kLanes, acc[j][v]);
+  }
+}
+
+template <int BO>
+void PixelTileOf(int64_t nv, const Term* terms, int64_t n_terms, int64_t bk, int64_t lda,
+                 float* out) {
+  switch (nv) {
+    case 1: PixelTile<BO, 1>(terms, n_terms, bk, lda, out); break;
+    case 2: PixelTile<BO, 2>(terms, n_terms, bk, lda, out); break;
+    case 3: PixelTile<BO, 3>(terms, n_terms, bk, lda, out); break;
+    default: PixelTile<BO, 4>(terms, n_terms, bk, lda, out); break;
+  }
+}
+
+// PixelTile for bo <= kNarrow output channels and nv <= kChunkVectors pixel vectors.
+void PixelTileOf(int64_t bo, int64_t nv, const Term* terms, int64_t n_terms, int64_t bk,
+                 int64_t lda, float* out) {
+  switch (bo) {
+    case 1: PixelTileOf<1>(nv, terms, n_terms, bk, lda, out); break;
+    case 2: PixelTileOf<2>(nv, terms, n_terms, bk, lda, out); break;
+    case 3: PixelTileOf<3>(nv, terms, n_terms, bk, lda, out); break;
+    default: PixelTileOf<4>(nv, terms, n_terms, bk, lda, out); break;
+  }
+}
+
+// The pixels-in-lanes form, for unit stride along w and output blocks at most kNarrow
+// wide (where the channels-in-lanes form leaves most lanes idle): each line's kh input
+// rows are copied channel-major, c rows of wp pixels zero-padded past the line's last
+// vector, and each tap's term reads kLanes neighbouring output pixels of one channel.
+void ConvByPixels(ffi::ThreadPool& pool, const Conv& cv) {
+  const int64_t wq = (cv.wo + kLanes - 1) / kLanes * kLanes, wp = wq + cv.kw - 1;
+  const int64_t c = cv.c, kh = cv.kh, chunk = kChunkVectors * kLanes;
+  const int64_t copied = std::max<int64_t>(0, std::min(cv.w_in, wp - cv.pad_left));
+  const int64_t most = cv.most_terms(), per_item = cv.lines_per_item();
+  ParallelFor(pool, cv.items(), [&](int64_t r) {
+    std::unique_ptr<Term[]> terms(new Term[most]);
+    // window[(dh*c + ch)*wp + pad_left + p] = channel ch of input pixel p of row dh.
+    std::unique_ptr<float[]> window(new float[kh * c * wp]());
+    std::unique_ptr<float[]> tile(new float[kNarrow * chunk]);
+    std::unique_ptr<bool[]> inside(new bool[kh]);
+    for (int64_t line = r * per_item; line < std::min(cv.lines(), (r + 1) * per_item);
+         ++line) {
+      const int64_t b = line / cv.ho;
+      for (int64_t dh = 0; dh < kh; ++dh) {
+        const int64_t ih = cv.InputRow(line, dh);
+        inside[dh] = cv.Inside(ih);
+        if (!inside[dh]) continue;
+        const float* in_row = cv.x + ((b * cv.h_in + ih) * cv.w_in) * c;
+        float* row = window.get() + dh * c * wp + cv.pad_left;
+        for (int64_t p = 0; p < copied; ++p) {
+          for (int64_t ch = 0; ch < c; ++ch) row[ch * wp + p] = in_row[p * c + ch];
+        }
+      }
+      for (int64_t p0 = 0; p0 < cv.wo; p0 += chunk) {
+        const int64_t width = std::min(chunk, cv.wo - p0);
+        const int64_t nv = (width + kLanes - 1) / kLanes;
+        const auto at = [&](int64_t dh, int64_t dw, int64_t ch) {
+          return window.get() + (dh * c + ch) * wp + dw + p0;
+        };
+        for (int64_t g = 0; g < cv.groups; ++g) {
+          const int64_t t = cv.Terms(g, inside.get(), at, terms.get());
+          PixelTileOf(cv.bo, nv, terms.get(), t, cv.bk, wp, tile.get());
+          float* out = cv.y + (line * cv.wo + p0) * cv.n_out() + g * cv.bo;
+          for (int64_t p = 0; p < width; ++p) {
+            for (int64_t j = 0; j < cv.bo; ++j) {
+              out[p * cv.n_out() + j] = tile[j * nv * kLanes + p];
+            }
+          }
+        }
+      }
+    }
+  });
+}
 
 ffi::Error BsrConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                        ffi::Buffer<ffi::F32> blocks, ffi::Buffer<ffi::S32> src,
@@ -336,70 +522,31 @@ ffi::Error BsrConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (xd.size() != 4 || bd.size() != 5 || yd.size() != 4 || offsets.element_count() < 1) {
     return ffi::Error::InvalidArgument("bsr_conv: x must be 4-D, blocks 5-D, y 4-D.");
   }
-  const int64_t n = xd[0], h_in = xd[1], w_in = xd[2], c = xd[3];
-  const int64_t nnz_max = bd[0], kh = bd[1], kw = bd[2], bk = bd[3], bo = bd[4];
-  const int64_t groups = offsets.element_count() - 1, ho = yd[1], wo = yd[2];
-  if (yd[0] != n || yd[3] != groups * bo || bk == 0 || c % bk != 0 ||
+  const Conv cv{x.typed_data(), blocks.typed_data(), src.typed_data(), entry.typed_data(),
+                offsets.typed_data(), y->typed_data(),
+                xd[0], xd[1], xd[2], xd[3], bd[1], bd[2], bd[3], bd[4],
+                static_cast<int64_t>(offsets.element_count()) - 1, yd[1], yd[2],
+                pad_top, pad_left, sh, sw};
+  const int64_t nnz_max = bd[0];
+  if (yd[0] != cv.n || yd[3] != cv.n_out() || cv.bk == 0 || cv.c % cv.bk != 0 ||
       src.element_count() != nnz_max || entry.element_count() != nnz_max) {
     return ffi::Error::InvalidArgument("bsr_conv: inconsistent operand shapes.");
   }
-  if (auto err = CheckWindow("bsr_conv", pad_top, pad_left, kh, kw, sh, sw); err.failure()) {
-    return err;
-  }
-  const int32_t* ent = entry.typed_data();
-  const int32_t* off = offsets.typed_data();
-  const int32_t* in = src.typed_data();
-  if (auto err = CheckSchedule("bsr_conv", ent, off, in, groups, nnz_max, c / bk);
+  if (auto err = CheckWindow("bsr_conv", pad_top, pad_left, cv.kh, cv.kw, sh, sw);
       err.failure()) {
     return err;
   }
-  if (n * ho * wo == 0) return ffi::Error::Success();
-  const float* xp = x.typed_data();
-  const float* bp = blocks.typed_data();
-  float* yp = y->typed_data();
-  const int64_t n_out = groups * bo, lines = n * ho, wp = (wo - 1) * sw + kw;
-  const int64_t copied = std::max<int64_t>(0, std::min(w_in, wp - pad_left));
-  const int64_t per_item = std::max<int64_t>(1, kConvPixels / wo);
-  const int64_t ranges = (lines + per_item - 1) / per_item;
-  const Strides s{sw * c, 1, bo, bk};  // a tile's rows are pixels sw apart
-  int64_t most = 1;  // the most terms of one output block
-  for (int64_t g = 0; g < groups; ++g) most = std::max<int64_t>(most, off[g + 1] - off[g]);
-  most *= kh * kw;
-  // A work item writes whole output lines (every group): narrow output blocks of one
-  // pixel share cache lines, which two threads writing them would pass back and forth.
-  ParallelFor(pool, ranges, [&](int64_t r) {
-    std::unique_ptr<Term[]> terms(new Term[2 * most]);
-    // The kh input rows a line reads, zero-padded to wp pixels: window[dh] holds input
-    // row h*sh + dh - pad_top at columns [pad_left, pad_left + w_in).
-    std::unique_ptr<float[]> window(new float[kh * wp * c]());
-    std::unique_ptr<bool[]> inside(new bool[kh]);
-    for (int64_t line = r * per_item; line < std::min(lines, (r + 1) * per_item); ++line) {
-      const int64_t b = line / ho, h = line % ho;
-      for (int64_t dh = 0; dh < kh; ++dh) {
-        const int64_t ih = h * sh + dh - pad_top;
-        inside[dh] = ih >= 0 && ih < h_in;
-        if (inside[dh] && copied > 0) {
-          std::memcpy(window.get() + (dh * wp + pad_left) * c,
-                      xp + ((b * h_in + ih) * w_in) * c, copied * c * sizeof(float));
-        }
-      }
-      for (int64_t g = 0; g < groups; ++g) {
-        int64_t t = 0;
-        for (int64_t i = off[g]; i < off[g + 1]; ++i) {
-          const int64_t e = ent[i];
-          for (int64_t dh = 0; dh < kh; ++dh) {
-            if (!inside[dh]) continue;  // a padding row adds nothing
-            for (int64_t dw = 0; dw < kw; ++dw) {
-              terms[t++] = {window.get() + (dh * wp + dw) * c + in[e] * bk,
-                            bp + ((e * kh + dh) * kw + dw) * bk * bo};
-            }
-          }
-        }
-        OutputTile(terms.get(), t, s, wo, bo, yp + line * wo * n_out + g * bo, n_out,
-                   /*accumulate=*/false, terms.get() + most, /*tall=*/true);
-      }
-    }
-  });
+  if (auto err = CheckSchedule("bsr_conv", cv.entry, cv.offsets, cv.src, cv.groups, nnz_max,
+                               cv.c / cv.bk);
+      err.failure()) {
+    return err;
+  }
+  if (cv.n * cv.ho * cv.wo == 0) return ffi::Error::Success();
+  if (sw == 1 && cv.bo <= kNarrow) {
+    ConvByPixels(pool, cv);
+  } else {
+    ConvByChannels(pool, cv);
+  }
   return ffi::Error::Success();
 }
 
@@ -498,6 +645,154 @@ ffi::Error BsrConvSddmmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// sums[i*BN + j] += the sum over l < lines and p < wq of
+// x[i*x_ch + l*wp + p] * dy[j*dy_ch + l*wq + p]: one tap's (BM, BN) tile from channel-major
+// rows, the pixels in the lanes.
+template <int BM, int BN>
+void PixelSums(const float* x, int64_t x_ch, const float* dy, int64_t dy_ch, int64_t lines,
+               int64_t wp, int64_t wq, float* sums) {
+  using L = Lane<v8>;
+  v8 acc[BM][BN];
+  for (int i = 0; i < BM; ++i) {
+    for (int j = 0; j < BN; ++j) acc[i][j] = L::Splat(0.f);
+  }
+  for (int64_t l = 0; l < lines; ++l) {
+    const float* xr = x + l * wp;
+    const float* dr = dy + l * wq;
+    for (int64_t p = 0; p < wq; p += kLanes) {
+      v8 xv[BM], dv[BN];
+      for (int i = 0; i < BM; ++i) xv[i] = L::Load(xr + i * x_ch + p);
+      for (int j = 0; j < BN; ++j) dv[j] = L::Load(dr + j * dy_ch + p);
+      for (int i = 0; i < BM; ++i) {
+        for (int j = 0; j < BN; ++j) acc[i][j] += xv[i] * dv[j];
+      }
+    }
+  }
+  for (int i = 0; i < BM; ++i) {
+    for (int j = 0; j < BN; ++j) {
+      float total = 0.f;
+      for (int l = 0; l < kLanes; ++l) total += acc[i][j][l];
+      sums[i * BN + j] += total;
+    }
+  }
+}
+
+using PixelSumsFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, int64_t,
+                             int64_t, float*);
+
+template <int BM>
+PixelSumsFn PixelSumsOf(int64_t bn) {
+  switch (bn) {
+    case 1: return PixelSums<BM, 1>;
+    case 2: return PixelSums<BM, 2>;
+    case 3: return PixelSums<BM, 3>;
+    default: return PixelSums<BM, 4>;
+  }
+}
+
+// PixelSums for a (bm, bn) block, each side at most kNarrow.
+PixelSumsFn PixelSumsOf(int64_t bm, int64_t bn) {
+  switch (bm) {
+    case 1: return PixelSumsOf<1>(bn);
+    case 2: return PixelSumsOf<2>(bn);
+    case 3: return PixelSumsOf<3>(bn);
+    default: return PixelSumsOf<4>(bn);
+  }
+}
+
+constexpr int64_t kSumLines = 16;  // output lines of one image per chunk
+
+// bsparse_bsr_conv_sddmm_by_pixels: bsparse_bsr_conv_sddmm for unit strides and blocks at
+// most kNarrow on each side, from NHWC x and dy. Each chunk of an image's output lines
+// copies the input rows it reads and its dy rows channel-major (zero-padded, pixels to a
+// multiple of kLanes) into a work item's buffers, and every entry's taps read them there,
+// kLanes neighbouring pixels at a time. A work item sums its chunks into its own tiles;
+// the items' tiles are added at the end.
+ffi::Error BsrConvSddmmByPixelsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                    ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::S32> rows,
+                                    ffi::Buffer<ffi::S32> cols, ffi::Buffer<ffi::S32> nnz,
+                                    ffi::ResultBuffer<ffi::F32> out, int64_t pad_top,
+                                    int64_t pad_left, int64_t sh, int64_t sw) {
+  const auto xd = x.dimensions(), dd = dy.dimensions(), od = out->dimensions();
+  const std::string name = "bsr_conv_sddmm_by_pixels";
+  if (xd.size() != 4 || dd.size() != 4 || od.size() != 5 || nnz.element_count() != 1) {
+    return ffi::Error::InvalidArgument(name + ": x and dy must be 4-D, out 5-D, nnz one count.");
+  }
+  const int64_t nnz_max = od[0], kh = od[1], kw = od[2], bm = od[3], bn = od[4];
+  const int64_t n = xd[0], h_in = xd[1], w_in = xd[2], c = xd[3];
+  const int64_t ho = dd[1], wo = dd[2], cout = dd[3];
+  if (bm < 1 || bm > kNarrow || bn < 1 || bn > kNarrow || c % bm != 0 || cout % bn != 0 ||
+      dd[0] != n || rows.element_count() != nnz_max || cols.element_count() != nnz_max) {
+    return ffi::Error::InvalidArgument(name + ": inconsistent operand shapes.");
+  }
+  if (sh != 1 || sw != 1) return ffi::Error::InvalidArgument(name + ": strides must be 1.");
+  if (auto err = CheckWindow(name.c_str(), pad_top, pad_left, kh, kw, sh, sw);
+      err.failure()) {
+    return err;
+  }
+  const int32_t* rp = rows.typed_data();
+  const int32_t* cp = cols.typed_data();
+  const int64_t count = std::clamp<int64_t>(nnz.typed_data()[0], 0, nnz_max);
+  if (auto err = CheckEntries(name.c_str(), rp, cp, count, c / bm, cout / bn);
+      err.failure()) {
+    return err;
+  }
+  const int64_t taps = kh * kw, tile = bm * bn, per_entry = taps * tile;
+  float* op = out->typed_data();
+  std::fill(op, op + nnz_max * per_entry, 0.f);
+  if (count == 0 || n * ho * wo == 0) return ffi::Error::Success();
+  const int64_t wq = (wo + kLanes - 1) / kLanes * kLanes, wp = wq + kw - 1;
+  const int64_t lines = std::min(ho, kSumLines), rows_in = lines + kh - 1;
+  const int64_t copied = std::max<int64_t>(0, std::min(w_in, wp - pad_left));
+  const int64_t per_image = (ho + lines - 1) / lines, chunks = n * per_image;
+  const int64_t items = std::min<int64_t>(chunks, 4 * (pool.num_threads() + 1));
+  std::unique_ptr<float[]> partial(new float[items * count * per_entry]());
+  const PixelSumsFn sums = PixelSumsOf(bm, bn);
+  const float* xp = x.typed_data();
+  const float* dp = dy.typed_data();
+  ParallelFor(pool, items, [&](int64_t item) {
+    // xt[(ch*rows_in + r)*wp + pad_left + p]: channel ch of input pixel p of the chunk's
+    // row r; dt[(ch*lines + l)*wq + p]: channel ch of dy's pixel p of its line l.
+    std::unique_ptr<float[]> xt(new float[c * rows_in * wp]);
+    std::unique_ptr<float[]> dt(new float[cout * lines * wq]());
+    float* mine = partial.get() + item * count * per_entry;
+    for (int64_t k = item * chunks / items; k < (item + 1) * chunks / items; ++k) {
+      const int64_t b = k / per_image, h0 = k % per_image * lines;
+      const int64_t here = std::min(lines, ho - h0);
+      std::fill(xt.get(), xt.get() + c * rows_in * wp, 0.f);
+      for (int64_t r = 0; r < here + kh - 1; ++r) {
+        const int64_t ih = h0 + r - pad_top;
+        if (ih < 0 || ih >= h_in) continue;
+        const float* in_row = xp + (b * h_in + ih) * w_in * c;
+        float* to = xt.get() + r * wp + pad_left;
+        for (int64_t p = 0; p < copied; ++p) {
+          for (int64_t ch = 0; ch < c; ++ch) to[ch * rows_in * wp + p] = in_row[p * c + ch];
+        }
+      }
+      for (int64_t l = 0; l < here; ++l) {
+        const float* d_row = dp + (b * ho + h0 + l) * wo * cout;
+        float* to = dt.get() + l * wq;
+        for (int64_t p = 0; p < wo; ++p) {
+          for (int64_t ch = 0; ch < cout; ++ch) to[ch * lines * wq + p] = d_row[p * cout + ch];
+        }
+      }
+      for (int64_t e = 0; e < count; ++e) {
+        const float* xs = xt.get() + rp[e] * bm * rows_in * wp;
+        const float* ds = dt.get() + cp[e] * bn * lines * wq;
+        for (int64_t tap = 0; tap < taps; ++tap) {
+          sums(xs + tap / kw * wp + tap % kw, rows_in * wp, ds, lines * wq, here, wp, wq,
+               mine + e * per_entry + tap * tile);
+        }
+      }
+    }
+  });
+  for (int64_t item = 0; item < items; ++item) {
+    const float* from = partial.get() + item * count * per_entry;
+    for (int64_t i = 0; i < count * per_entry; ++i) op[i] += from[i];
+  }
+  return ffi::Error::Success();
+}
+
 // All kernels take the thread pool, two f32 and three s32 operands, and return f32.
 auto Binding() {
   return ffi::Ffi::Bind()
@@ -525,3 +820,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BsrMatmul, BsrMatmulImpl, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BsrSddmm, BsrSddmmImpl, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BsrConv, BsrConvImpl, ConvBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BsrConvSddmm, BsrConvSddmmImpl, ConvBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BsrConvSddmmByPixels, BsrConvSddmmByPixelsImpl,
+                              ConvBinding());
