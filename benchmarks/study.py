@@ -119,6 +119,10 @@ _DENSE = flags.DEFINE_bool(
     "leaves it to another invocation into the same --out, e.g. one running beside this.")
 _SWEEP = flags.DEFINE_bool("sweep", True, "Also run the block-size sweep and the selection.")
 _SWEEP_DENSITY = flags.DEFINE_float("sweep_density", 0.25, "Block density of the sweep.")
+_SWEEP_LAYER = flags.DEFINE_string(
+    "sweep_layer", "", "The layer whose block size the sweep varies (SWEEP_SIZES lists "
+    "each model's; default: its first). Rows of another than the first are labelled "
+    "'fixed <layer> <m>x<n>' and 'select <layer>'.")
 _RESULTS = flags.DEFINE_string("results", "RESULTS.md", "Markdown report to write (all models in the study).")
 _PLOTS_DIR = flags.DEFINE_string("plots_dir", "docs/results", "Where the PNG plots go.")
 _LATENCY_BATCH = flags.DEFINE_integer("latency_batch", 256, "Batch for latency timing.")
@@ -136,9 +140,11 @@ _IN_PROCESS = flags.DEFINE_bool(
 
 CONFIG_FILES = {"mlp": "mlp_fmnist", "cnn": "cnn_fmnist"}
 DENSE_START = ("dense", "group_lasso", "gradual")
-# The layer whose block size the sweep varies, and the sizes tried (the configs' own first).
-SWEEP_SIZES = {"mlp": ("fc1", ((28, 10), (14, 10), (28, 20))),
-               "cnn": ("fc1", ((16, 16), (8, 8), (32, 16)))}
+# Per model, the layers whose block size a sweep may vary (by default the first) and the
+# sizes tried (the configs' own first).
+SWEEP_SIZES = {"mlp": {"fc1": ((28, 10), (14, 10), (28, 20))},
+               "cnn": {"fc1": ((16, 16), (8, 8), (32, 16)),
+                       "conv2": ((4, 4), (2, 2), (8, 8))}}
 
 
 # --------------------------------------------------------------------------- the plan
@@ -180,11 +186,13 @@ def schedule(epochs: float) -> dict[str, float]:
 def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
          sweep_density: float, finetunes=("kpd",), prunes=("once",),
          factor_lr_scales=(1.0,), freezes=(KPD_FREEZE,), lams=(None,),
-         penalties=("l1",), switches=(None,), repacks=(0,), dense=True) -> list[Run]:
+         penalties=("l1",), switches=(None,), repacks=(0,), dense=True,
+         sweep_layer: str = "") -> list[Run]:
   """Every run of the study. KPD gets a row per combination of its settings; an early
   switch (a fraction in ``switches``; None: none) applies to ``+bsr cubic`` rows only, and
   repacks (every ``N`` steps in ``repacks``; 0: none) to early switches only; ``dense``:
-  a dense run per seed too."""
+  a dense run per seed too; ``sweep``: the block-size sweep of ``sweep_layer`` (default:
+  the model's first in ``SWEEP_SIZES``)."""
   runs = []
   sch = schedule(epochs)
   kpd_sch = {k: v for k, v in sch.items()
@@ -226,7 +234,7 @@ def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,
               ("method", m), ("baseline.target_density", d),
               *((k, v) for k, v in sch.items() if k.startswith("baseline.")))))
       if sweep:
-        runs += sweep_runs(model, seed, ranks[0], sweep_density, base, sch)
+        runs += sweep_runs(model, seed, ranks[0], sweep_density, base, sch, sweep_layer)
   return runs
 
 
@@ -249,14 +257,34 @@ def check_switches(switches, freezes, finetunes, prunes, repacks=()) -> None:
                            "earliest --freeze_fractions.")
 
 
-def sweep_runs(model, seed, rank, density, base, sch) -> list[Run]:
-  """A fixed run per candidate size of ``SWEEP_SIZES[model]`` and one selection run."""
-  layer, sizes = SWEEP_SIZES[model]
+def check_sweep_layer(models, layer: str) -> None:
+  """Raises ``app.UsageError`` naming the choices where a model has no sweep of ``layer``."""
+  for model in models:
+    if layer and layer not in SWEEP_SIZES[model]:
+      raise app.UsageError(f"--sweep_layer={layer}: the {model} sweep varies one of "
+                           f"{', '.join(SWEEP_SIZES[model])}.")
+
+
+def sweep_layer_of(label: str) -> str:
+  """The layer a sweep row varies, from its label: '' for the model's first layer
+  (``fixed <m>x<n>``, ``select``), else the one named (``fixed <layer> <m>x<n>``,
+  ``select <layer>``)."""
+  words = label.split()
+  return words[1] if len(words) == (3 if words[0] == "fixed" else 2) else ""
+
+
+def sweep_runs(model, seed, rank, density, base, sch, layer: str = "") -> list[Run]:
+  """A fixed run per candidate size of ``layer`` (default: the model's first in
+  ``SWEEP_SIZES``) and one selection run among them."""
+  first = next(iter(SWEEP_SIZES[model]))
+  layer = layer or first
+  sizes = SWEEP_SIZES[model][layer]
+  named = "" if layer == first else f" {layer}"
   kpd = base + (("layers.rank", rank), ("sparsity.target_density", density),
                 *((k, v) for k, v in sch.items() if k.startswith("sparsity.")))
-  runs = [Run(model, f"fixed {m}x{n}", "kpd", density, seed,
+  runs = [Run(model, f"fixed{named} {m}x{n}", "kpd", density, seed,
               kpd + ((f"layers.block_shapes.{layer}", (m, n)),)) for m, n in sizes]
-  runs.append(Run(model, "select", "kpd", density, seed, kpd + (
+  runs.append(Run(model, f"select{named}", "kpd", density, seed, kpd + (
       (f"layers.block_shapes.{layer}", sizes),
       *((k, v) for k, v in sch.items() if k.startswith("selection.")))))
   return runs
@@ -567,12 +595,17 @@ def latency_table(results, model) -> str:
   return "\n".join(lines)
 
 
-def sweep_summary(results, model) -> tuple[str, list[tuple[str, str, bool]]]:
-  """The sweep table and the selection's checks (``targets`` rows), per seed."""
+def sweep_summaries(results, model) -> list[tuple[str, str, list[tuple[str, str, bool]]]]:
+  """Per layer swept, ``(layer, table, checks)``: the sweep table and the selection's
+  checks (``targets`` rows), per seed; layer '' is the model's first."""
   rs = [r for r in results if r["model"] == model and r["label"].startswith(("fixed",
                                                                               "select"))]
-  if not rs:
-    return "", []
+  by_layer = _groups(rs, lambda r: sweep_layer_of(r["label"]))
+  return [(layer, *sweep_summary(g, layer)) for layer, g in sorted(by_layer.items())]
+
+
+def sweep_summary(rs, layer: str) -> tuple[str, list[tuple[str, str, bool]]]:
+  """The table and checks of one layer's sweep rows ``rs``."""
   groups = _groups(rs, lambda r: r["label"])
   lines = ["| run | seeds | test accuracy % | training TFLOPs | wall s | chosen |",
            "|---|---|---|---|---|---|"]
@@ -582,13 +615,14 @@ def sweep_summary(results, model) -> tuple[str, list[tuple[str, str, bool]]]:
                  f"{_ms([r['flops'] / 1e12 for r in g], '{:.3f}')} | "
                  f"{_ms([r['wall_s'] for r in g], '{:.0f}')} | {', '.join(chosen) or '-'} |")
   checks = []
+  named = f" {layer}" if layer else ""
   fixed = {k: g for k, g in groups.items() if k.startswith("fixed")}
-  if "select" in groups and fixed:
+  if f"select{named}" in groups and fixed:
     best = max(fixed, key=lambda k: _mean(fixed[k], "accuracy"))
-    for r in sorted(groups["select"], key=lambda r: r["seed"]):
+    for r in sorted(groups[f"select{named}"], key=lambda r: r["seed"]):
       size = "x".join(map(str, next(iter(r.get("chosen", {}).values()), [])))
-      who = f"selection, seed {r['seed']}"
-      mine = fixed.get(f"fixed {size}")
+      who = f"selection{' of ' + layer if layer else ''}, seed {r['seed']}"
+      mine = fixed.get(f"fixed{named} {size}")
       if mine is None:
         checks.append((f"{who}: picks a size of the sweep", f"chose {size or 'nothing'}",
                        False))
@@ -598,7 +632,7 @@ def sweep_summary(results, model) -> tuple[str, list[tuple[str, str, bool]]]:
       wall = r["wall_s"] / _mean(mine, "wall_s")
       checks += [
           (f"{who}: its size's fixed run within 0.5 points of the best fixed size",
-           f"chose {size}, {gap:.2f} below {best.removeprefix('fixed ')}", gap <= 0.5),
+           f"chose {size}, {gap:.2f} below {best.split()[-1]}", gap <= 0.5),
           (f"{who}: training FLOPs ≤ 1.5x that fixed run", f"{cost:.2f}x", cost <= 1.5),
           (f"{who}: wall time ≤ 1.5x that fixed run", f"{wall:.2f}x", wall <= 1.5)]
   return "\n".join(lines), checks
@@ -800,7 +834,8 @@ def glance(results, tuned) -> list[str]:
           for model, epochs, runs in budgets(tuned) if kpd_labels(runs, model)
           for c in targets(runs, model, best_kpd_label(runs, model))]
   for model, epochs, rs in budgets(results):
-    checks = ([] if tuned else kpd_targets(rs, model)) + sweep_summary(rs, model)[1]
+    checks = ([] if tuned else kpd_targets(rs, model)) + [
+        c for _, _, sel in sweep_summaries(rs, model) for c in sel]
     rows += [(model, f"{epochs:g} epochs", *c) for c in checks]
   if not rows:
     return []
@@ -846,9 +881,10 @@ def write_results(study: dict, path: str, plots_dir: str, lr_dirs=()) -> None:
                    "of each invocation (dense = W built, kpd = factored, bsr = nonzero "
                    "blocks only):\n\n"
                    + lat + "\n")
-    table, sel = sweep_summary(results, model)
-    if table:
-      parts.append("### Block size: fixed sizes vs the one-run selection\n\n" + table + "\n")
+    for layer, table, sel in sweep_summaries(results, model):
+      swept = layer or next(iter(SWEEP_SIZES[model]))
+      parts.append(f"### Block size of `{swept}`: fixed sizes vs the one-run selection\n\n"
+                   + table + "\n")
       if sel:
         parts.append(targets_table(sel) + "\n")
   if lr_dirs:
@@ -889,12 +925,13 @@ def main(argv):
   freezes = [fractions.Fraction(z) for z in _FREEZES.value]
   repacks = [int(n) for n in _REPACKS.value]
   check_switches(switches, freezes, _FINETUNE.value, _PRUNE.value, repacks)
+  check_sweep_layer(_MODELS.value, _SWEEP_LAYER.value)
   runs = plan(_MODELS.value, [float(d) for d in _DENSITIES.value],
               [int(s) for s in _SEEDS.value], ranks, _METHODS.value, _EPOCHS.value,
               _SWEEP.value, _SWEEP_DENSITY.value, _FINETUNE.value, _PRUNE.value,
               [float(k) for k in _FACTOR_LR.value],
               freezes, [float(v) for v in _LAMS.value] or [None], _PENALTIES.value,
-              switches or [None], repacks or [0], _DENSE.value)
+              switches or [None], repacks or [0], _DENSE.value, _SWEEP_LAYER.value)
   unique = list({r.name: r for r in runs}.values())
   if not unique:
     raise app.UsageError("No run planned: give --methods, --ranks or --dense.")

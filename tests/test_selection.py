@@ -92,6 +92,23 @@ def test_the_loop_drops_the_losers_and_trains_on(reference):
 
 
 
+def test_a_conv_layer_selects_its_block_size_and_trains_on(tmp_path):
+  c = helpers.tiny("cnn_fmnist", 7, **{"selection.start_epoch": 0.0,
+                                       "selection.anneal_epochs": 0.5,
+                                       "selection.select_epoch": 1.0})
+  c.layers.block_shapes.conv2 = ((4, 4), (2, 2))
+  summary = helpers.train(c, tmp_path)
+  choice = selection.load_choice(str(tmp_path))
+  assert choice is not None and set(choice.block_shapes) == {"conv2"}
+  kept = layers.term_name(choice.block_shapes["conv2"])
+  state, program = helpers.restored(c, tmp_path)
+  assert int(state.step) == 7 and set(state.params["conv2"]) == {kept, "bias"}
+  with tfds.testing.mock_data(num_examples=48):
+    test = data.get_datasets(c).test
+  assert train_lib.evaluate(program.steps, state, test, 16)["accuracy"] == pytest.approx(
+      summary["test/accuracy"])
+
+
 @pytest.mark.parametrize("resume_at", [6, 3])  # after the selection, before it
 def test_resuming_around_the_selection_equals_one_run(reference, tmp_path, resume_at):
   c, workdir, _, final = reference

@@ -154,6 +154,43 @@ def test_switch_fractions_that_cannot_apply_are_refused_with_the_fix():
     study.check_switches([], [third], ["bsr"], ["cubic"], [0, 100])
 
 
+def test_plan_sweeps_the_layer_asked_for_and_refuses_one_without_sizes():
+  first = study.plan(["cnn"], [], [0], [4], [], 2.0, True, 0.25, dense=False)
+  assert [r.label for r in first] == ["fixed 16x16", "fixed 8x8", "fixed 32x16", "select"]
+  runs = study.plan(["cnn"], [], [0], [4], [], 2.0, True, 0.25, dense=False,
+                    sweep_layer="conv2")
+  assert [r.label for r in runs] == ["fixed conv2 4x4", "fixed conv2 2x2", "fixed conv2 8x8",
+                                     "select conv2"]
+  shapes = [dict(r.overrides)["layers.block_shapes.conv2"] for r in runs]
+  assert shapes == [(4, 4), (2, 2), (8, 8), ((4, 4), (2, 2), (8, 8))]
+  assert not {r.name for r in runs} & {r.name for r in first}  # one --out holds both
+  assert [study.sweep_layer_of(r.label) for r in first + runs] == [""] * 4 + ["conv2"] * 4
+  study.check_sweep_layer(["mlp", "cnn"], "")
+  with pytest.raises(app.UsageError, match="the mlp sweep varies one of fc1"):
+    study.check_sweep_layer(["cnn", "mlp"], "conv2")
+
+
+def test_sweep_summaries_check_each_layer_against_its_own_fixed_runs():
+  def row(label, accuracy, chosen=None):
+    return {"model": "cnn", "label": label, "seed": 0, "accuracy": accuracy,
+            "flops": 1e12, "wall_s": 100.0, **({"chosen": chosen} if chosen else {})}
+
+  results = [row("fixed 16x16", 0.90), row("fixed 8x8", 0.91),
+             row("select", 0.91, {"fc1": [8, 8]}),
+             row("fixed conv2 4x4", 0.88), row("fixed conv2 2x2", 0.92),
+             row("select conv2", 0.90, {"conv2": [4, 4]})]
+  summaries = {layer: (table, checks) for layer, table, checks in
+               study.sweep_summaries(results, "cnn")}
+  assert set(summaries) == {"", "conv2"}
+  assert "fixed conv2" not in summaries[""][0] and "fixed 8x8" not in summaries["conv2"][0]
+  met = {target: (measured, ok) for checks in (summaries[""][1], summaries["conv2"][1])
+         for target, measured, ok in checks}
+  first = "selection, seed 0: its size's fixed run within 0.5 points of the best fixed size"
+  assert met[first] == ("chose 8x8, 0.00 below 8x8", True)
+  conv2 = first.replace("selection,", "selection of conv2,")
+  assert met[conv2] == ("chose 4x4, 4.00 below 2x2", False)
+
+
 def test_study_measures_an_early_switch_row(tmp_path, study_flags):
   out = tmp_path / "runs"
   run_tiny_study(tmp_path, "--methods=", "--finetune=bsr", "--prune=cubic",
