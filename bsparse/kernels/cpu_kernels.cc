@@ -354,9 +354,17 @@ struct Conv {
     }
     return most * kh * kw;
   }
-  // Input row of output line `line`'s tap row dh, and whether it lies inside x.
-  int64_t InputRow(int64_t line, int64_t dh) const { return line % ho * sh + dh - pad_top; }
-  bool Inside(int64_t ih) const { return ih >= 0 && ih < h_in; }
+  // Sets inside[dh] for the kh input rows output line `line` reads (whether each lies
+  // inside x) and calls copy(dh, row) with each row that does, row pointing at its first
+  // pixel in x.
+  template <typename Copy>
+  void ReadRows(int64_t line, bool* inside, const Copy& copy) const {
+    for (int64_t dh = 0; dh < kh; ++dh) {
+      const int64_t ih = line % ho * sh + dh - pad_top;
+      inside[dh] = ih >= 0 && ih < h_in;
+      if (inside[dh]) copy(dh, x + ((line / ho * h_in + ih) * w_in) * c);
+    }
+  }
   // The terms of output block g: each stored entry's taps whose input row lies inside x
   // (a padding row adds nothing); at(dh, dw, ch) points where tap (dh, dw) reads channel
   // ch of the tile's first output pixel. Returns their count.
@@ -393,15 +401,10 @@ void ConvByChannels(ffi::ThreadPool& pool, const Conv& cv) {
     std::unique_ptr<bool[]> inside(new bool[kh]);
     for (int64_t line = r * per_item; line < std::min(cv.lines(), (r + 1) * per_item);
          ++line) {
-      const int64_t b = line / cv.ho;
-      for (int64_t dh = 0; dh < kh; ++dh) {
-        const int64_t ih = cv.InputRow(line, dh);
-        inside[dh] = cv.Inside(ih);
-        if (inside[dh] && copied > 0) {
-          std::memcpy(window.get() + (dh * wp + cv.pad_left) * c,
-                      cv.x + ((b * cv.h_in + ih) * cv.w_in) * c, copied * c * sizeof(float));
-        }
-      }
+      cv.ReadRows(line, inside.get(), [&](int64_t dh, const float* in_row) {
+        std::memcpy(window.get() + (dh * wp + cv.pad_left) * c, in_row,
+                    copied * c * sizeof(float));
+      });
       const auto at = [&](int64_t dh, int64_t dw, int64_t ch) {
         return window.get() + (dh * wp + dw) * c + ch;
       };
@@ -481,17 +484,12 @@ void ConvByPixels(ffi::ThreadPool& pool, const Conv& cv) {
     std::unique_ptr<bool[]> inside(new bool[kh]);
     for (int64_t line = r * per_item; line < std::min(cv.lines(), (r + 1) * per_item);
          ++line) {
-      const int64_t b = line / cv.ho;
-      for (int64_t dh = 0; dh < kh; ++dh) {
-        const int64_t ih = cv.InputRow(line, dh);
-        inside[dh] = cv.Inside(ih);
-        if (!inside[dh]) continue;
-        const float* in_row = cv.x + ((b * cv.h_in + ih) * cv.w_in) * c;
+      cv.ReadRows(line, inside.get(), [&](int64_t dh, const float* in_row) {
         float* row = window.get() + dh * c * wp + cv.pad_left;
         for (int64_t p = 0; p < copied; ++p) {
           for (int64_t ch = 0; ch < c; ++ch) row[ch * wp + p] = in_row[p * c + ch];
         }
-      }
+      });
       for (int64_t p0 = 0; p0 < cv.wo; p0 += chunk) {
         const int64_t width = std::min(chunk, cv.wo - p0);
         const int64_t nv = (width + kLanes - 1) / kLanes;
