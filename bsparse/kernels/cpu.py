@@ -39,9 +39,8 @@ TARGETS = {"bsparse_bsr_matmul": "BsrMatmul", "bsparse_bsr_sddmm": "BsrSddmm",
            "bsparse_bsr_conv": "BsrConv", "bsparse_bsr_conv_sddmm": "BsrConvSddmm",
            "bsparse_bsr_conv_sddmm_by_pixels": "BsrConvSddmmByPixels"}
 # Blocks at most this wide, at unit stride, put output pixels rather than channels in the
-# kernels' vector lanes (LANES of them): a 2-wide block would leave 6 of 8 lanes idle.
+# kernels' 8 vector lanes, where a 2-wide block would leave 6 idle (kNarrow in the source).
 NARROW = 4
-LANES = 8
 
 
 class BuildError(RuntimeError):
@@ -279,8 +278,8 @@ def conv_sddmm(x: jax.Array, dy: jax.Array, w: bsr_lib.BSR, taps, pad, strides=(
   ``(nnz_max, bm*kh*kw, bn)`` f32 in the layout of ``w.blocks`` (zero for padding).
 
   At unit strides with blocks at most ``NARROW`` on each side the kernel copies chunks of
-  each image's rows of ``x`` and ``dy`` channel-major and reads ``LANES`` neighbouring
-  pixels at a time. Otherwise each entry reads its channel block of ``x`` and of ``dy`` as
+  each image's rows of ``x`` and ``dy`` channel-major and reads 8 neighbouring pixels at
+  a time. Otherwise each entry reads its channel block of ``x`` and of ``dy`` as
   a contiguous slab: with few entries the kernel copies them out of the NHWC arrays itself,
   entry by entry; with more it reads block-major copies of both (XLA transposes), made once
   (``_copies_per_entry``).
@@ -305,4 +304,3 @@ def conv_sddmm(x: jax.Array, dy: jax.Array, w: bsr_lib.BSR, taps, pad, strides=(
   out = _call("bsparse_bsr_conv_sddmm", shape, x, dy, w.rows, w.cols, w.nnz.reshape(1),
               **_window(pad, strides))
   return bsr_lib.patch_blocks(out)
-
