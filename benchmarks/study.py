@@ -557,9 +557,15 @@ def _mean(rs, k):
   return statistics.mean(r[k] for r in rs)
 
 
+def rows_of(results, model, sweep: bool = False) -> list[dict]:
+  """``model``'s rows of ``results``: its block-size sweep's (labels ``fixed ...`` and
+  ``select ...``) with ``sweep``, else the others."""
+  return [r for r in results
+          if r["model"] == model and r["label"].startswith(("fixed", "select")) == sweep]
+
+
 def main_table(results, model) -> str:
-  rs = [r for r in results if r["model"] == model and not r["label"].startswith(("fixed",
-                                                                                  "select"))]
+  rs = rows_of(results, model)
   dense = [r for r in rs if r["method"] == "dense"]
   dense_flops = _mean(dense, "flops") if dense else float("nan")
   lines = ["| method | target density | seeds | test accuracy % | achieved density | "
@@ -598,8 +604,7 @@ def latency_table(results, model) -> str:
 def sweep_summaries(results, model) -> list[tuple[str, str, list[tuple[str, str, bool]]]]:
   """Per layer swept, ``(layer, table, checks)``: the sweep table and the selection's
   checks (``targets`` rows), per seed; layer '' is the model's first."""
-  rs = [r for r in results if r["model"] == model and r["label"].startswith(("fixed",
-                                                                              "select"))]
+  rs = rows_of(results, model, sweep=True)
   by_layer = _groups(rs, lambda r: sweep_layer_of(r["label"]))
   return [(layer, *sweep_summary(g, layer)) for layer, g in sorted(by_layer.items())]
 
@@ -641,8 +646,7 @@ def sweep_summary(rs, layer: str) -> tuple[str, list[tuple[str, str, bool]]]:
 def targets(results, model, rank_label: str) -> list[tuple[str, str, bool]]:
   """The done-when checks of KPD row ``rank_label`` at the study's lowest density:
   ``(target, measured, met)``."""
-  rs = [r for r in results if r["model"] == model and not r["label"].startswith(("fixed",
-                                                                                 "select"))]
+  rs = rows_of(results, model)
   low = min((r["target"] for r in rs if r["method"] != "dense"), default=None)
   if low is None:
     return []
@@ -689,8 +693,7 @@ def targets_table(checks, lead: tuple[str, ...] = ()) -> str:
 
 
 def plot_accuracy(results, model, path) -> str:
-  rs = [r for r in results if r["model"] == model and not r["label"].startswith(("fixed",
-                                                                                  "select"))]
+  rs = rows_of(results, model)
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
   for label, g in sorted(_groups(rs, lambda r: r["label"]).items()):
     pts = sorted(_groups(g, lambda r: r["target"]).items())
@@ -722,8 +725,7 @@ def plot_step_times(results, model, path) -> bool:
   """Milliseconds per step over the run, per row of ``model`` (the median over seeds of
   each logging window), to show where a run's wall time goes beyond the median step.
   False (and no plot) when no run has a trace."""
-  rs = [r for r in results if r["model"] == model and r.get("step_ms_trace")
-        and not r["label"].startswith(("fixed", "select"))]
+  rs = [r for r in rows_of(results, model) if r.get("step_ms_trace")]
   if not rs:
     return False
   fig, ax = plt.subplots(figsize=(12, 4.2))
@@ -780,7 +782,9 @@ def layer_ranks_note(model: str) -> str:
 
 def model_section(results, model, plots_dir, rel, plot_name: str) -> list[str]:
   """The main table, its plot (``plot_name`` in ``plots_dir``) and the done-when checks
-  of one model."""
+  of one model; nothing when it has only sweep rows."""
+  if not rows_of(results, model):
+    return []
   parts = [main_table(results, model) + "\n", f"![{model}]({rel}/{plot_name})\n"]
   plot_accuracy(results, model, os.path.join(plots_dir, plot_name))
   steps_name = plot_name.replace("accuracy", "step_times")

@@ -189,6 +189,9 @@ def test_sweep_summaries_check_each_layer_against_its_own_fixed_runs():
   assert met[first] == ("chose 8x8, 0.00 below 8x8", True)
   conv2 = first.replace("selection,", "selection of conv2,")
   assert met[conv2] == ("chose 4x4, 4.00 below 2x2", False)
+  # A study of sweeps alone has no main table or plot, only the sweeps' own tables.
+  assert study.model_section(results, "cnn", "plots", "plots", "cnn_accuracy.png") == []
+  assert study.rows_of(results, "cnn", sweep=True) == results
 
 
 def test_study_measures_an_early_switch_row(tmp_path, study_flags):
