@@ -121,7 +121,7 @@ _SWEEP = flags.DEFINE_bool("sweep", True, "Also run the block-size sweep and the
 _SWEEP_DENSITY = flags.DEFINE_float("sweep_density", 0.25, "Block density of the sweep.")
 _SWEEP_LAYER = flags.DEFINE_string(
     "sweep_layer", "", "The layer whose block size the sweep varies (SWEEP_SIZES lists "
-    "each model's; default: its first). Rows of another than the first are labelled "
+    "each model's; default: its first). The rows of any other layer are labelled "
     "'fixed <layer> <m>x<n>' and 'select <layer>'.")
 _RESULTS = flags.DEFINE_string("results", "RESULTS.md", "Markdown report to write (all models in the study).")
 _PLOTS_DIR = flags.DEFINE_string("plots_dir", "docs/results", "Where the PNG plots go.")
