@@ -334,6 +334,14 @@ constexpr int64_t kLanes = 8;        // floats per v8: pixels per vector of the 
 constexpr int kNarrow = 4;           // widest block the pixel-lane forms take
 constexpr int kChunkVectors = 4;     // pixel vectors per register tile of a line
 
+// to[ch*ld + p] = row[p*c + ch] for p < pixels and ch < c: a row of NHWC pixels laid out
+// channel-major, each channel's pixels ld floats after the previous channel's.
+inline void ChannelMajor(const float* row, int64_t pixels, int64_t c, int64_t ld, float* to) {
+  for (int64_t p = 0; p < pixels; ++p) {
+    for (int64_t ch = 0; ch < c; ++ch) to[ch * ld + p] = row[p * c + ch];
+  }
+}
+
 // The operands and geometry of one bsparse_bsr_conv call (see the file comment).
 struct Conv {
   const float* x;
@@ -485,10 +493,7 @@ void ConvByPixels(ffi::ThreadPool& pool, const Conv& cv) {
     for (int64_t line = r * per_item; line < std::min(cv.lines(), (r + 1) * per_item);
          ++line) {
       cv.ReadRows(line, inside.get(), [&](int64_t dh, const float* in_row) {
-        float* row = window.get() + dh * c * wp + cv.pad_left;
-        for (int64_t p = 0; p < copied; ++p) {
-          for (int64_t ch = 0; ch < c; ++ch) row[ch * wp + p] = in_row[p * c + ch];
-        }
+        ChannelMajor(in_row, copied, c, wp, window.get() + dh * c * wp + cv.pad_left);
       });
       for (int64_t p0 = 0; p0 < cv.wo; p0 += chunk) {
         const int64_t width = std::min(chunk, cv.wo - p0);
@@ -761,18 +766,12 @@ ffi::Error BsrConvSddmmByPixelsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> 
       for (int64_t r = 0; r < here + kh - 1; ++r) {
         const int64_t ih = h0 + r - pad_top;
         if (ih < 0 || ih >= h_in) continue;
-        const float* in_row = xp + (b * h_in + ih) * w_in * c;
-        float* to = xt.get() + r * wp + pad_left;
-        for (int64_t p = 0; p < copied; ++p) {
-          for (int64_t ch = 0; ch < c; ++ch) to[ch * rows_in * wp + p] = in_row[p * c + ch];
-        }
+        ChannelMajor(xp + (b * h_in + ih) * w_in * c, copied, c, rows_in * wp,
+                     xt.get() + r * wp + pad_left);
       }
       for (int64_t l = 0; l < here; ++l) {
-        const float* d_row = dp + (b * ho + h0 + l) * wo * cout;
-        float* to = dt.get() + l * wq;
-        for (int64_t p = 0; p < wo; ++p) {
-          for (int64_t ch = 0; ch < cout; ++ch) to[ch * lines * wq + p] = d_row[p * cout + ch];
-        }
+        ChannelMajor(dp + (b * ho + h0 + l) * wo * cout, wo, cout, lines * wq,
+                     dt.get() + l * wq);
       }
       for (int64_t e = 0; e < count; ++e) {
         const float* xs = xt.get() + rp[e] * bm * rows_in * wp;
