@@ -90,8 +90,6 @@ def test_the_loop_drops_the_losers_and_trains_on(reference):
   assert not any(k.startswith("share/") for r in train_rows if r["step"] >= 5 for k in r)
 
 
-
-
 def test_a_conv_layer_selects_its_block_size_and_trains_on(tmp_path):
   c = helpers.tiny("cnn_fmnist", 7, **{"selection.start_epoch": 0.0,
                                        "selection.anneal_epochs": 0.5,

@@ -205,8 +205,8 @@ def bsr_conv(x: jax.Array, w: bsr_lib.BSR, taps, padding, strides=(1, 1)) -> jax
 
   Its gradient: ``dx`` is the convolution of ``dy`` by the flipped, transposed taps, one
   stride-1 convolution per phase of the strides (``cpu.conv_input_grad``; at stride 1 a
-  single one padded by ``(kh-1-top, kw-1-left)``); each stored block's gradient sums ``x[.., rows[k]].T @
-  dy[.., cols[k]]`` over the pixels, per tap. Inside ``split_batch`` both run on each
+  single one padded by ``(kh-1-top, kw-1-left)``); each stored block's gradient sums
+  ``x[.., rows[k]].T @ dy[.., cols[k]]`` over the pixels, per tap. Inside ``split_batch`` both run on each
   device's images, the block gradient summed over devices.
 
   Returns ``(N, (H+top+bottom-kh)//sh + 1, (W+left+right-kw)//sw + 1, Cout)`` in
