@@ -174,13 +174,14 @@ class Run:
 def schedule(epochs: float) -> dict[str, float]:
   """Sparsity schedules as fractions of the run: the penalty ramps over the first third,
   masks fix at one third (KPD freeze, group-lasso prune), gradual/SET/RigL stop changing
-  masks at one half, the block-size selection happens at one sixth."""
+  masks at one half, the block-size candidates are chosen at one eighth (when their
+  annealing is complete) and the losers gone at one sixth."""
   e = epochs / 6.0
   return {"sparsity.start_epoch": 0.5 * e, "sparsity.ramp_epochs": 1.0 * e,
           "sparsity.freeze_epoch": 2.0 * e, "baseline.prune_epoch": 2.0 * e,
           "baseline.start_epoch": 0.5 * e, "baseline.end_epoch": 3.0 * e,
           "selection.start_epoch": 0.25 * e, "selection.anneal_epochs": 0.5 * e,
-          "selection.select_epoch": 1.0 * e}
+          "selection.select_epoch": 1.0 * e, "selection.fade_epochs": 0.25 * e}
 
 
 def plan(models, densities, seeds, ranks, methods, epochs: float, sweep: bool,

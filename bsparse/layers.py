@@ -93,7 +93,8 @@ def _make(module: nn.Module, m: int, n: int, block_shape: Shape2, rank: int,
   m1, n1 = kron.grid_shape(m, n, block_shape, where=where)
   if rank < 1:
     raise ValueError(f"{where}: rank must be >= 1, got {rank}.")
-  std = kron.init_scales(fan_in, rank)
+  # The layer's candidates sum: each starts at 1/len of He variance, so their sum has it.
+  std = kron.init_scales(fan_in, rank * len(module.block_shapes))
   term = _Term(m1=m1, n1=n1, block_shape=block_shape, rank=rank, taps=taps, std=std,
                param_dtype=module.param_dtype, name=term_name(block_shape))
   return term()

@@ -25,7 +25,7 @@ def dead_terms(opt_state) -> list[tuple[str, ...]]:
   state = sparsity.sparsity_state(opt_state)
   if state is None:
     return []
-  return [tuple(k.split("/")) for k, v in state.alive.items() if not bool(v)]
+  return [tuple(k.split("/")) for k, v in state.alive.items() if float(v) == 0.0]
 
 
 def _without(node: dict, path: tuple[str, ...]) -> dict:

@@ -99,7 +99,9 @@ class BlockSparsityState(NamedTuple):
   count: jax.Array
   masks: dict[str, jax.Array]  # 'layer/term' -> bool (m1, n1); 'layer/blocks' -> bool
   # (nnz_max,) of a block-sparse layer's stored blocks. True = block kept
-  alive: dict[str, jax.Array]  # 'layer/term' -> bool (); False once a candidate is dropped
+  # 'layer/term' -> float32 (): 1 while a candidate competes (and after it wins); a loser's
+  # falls to 0 over the fade before the selection step; 0 once it is dropped.
+  alive: dict[str, jax.Array]
 
 
 def soft_threshold(x: jax.Array, tau: jax.Array) -> jax.Array:
@@ -148,7 +150,7 @@ def candidate_share_scalars(params) -> dict[str, jax.Array]:
 def block_sparsity(lam: Schedule, lr: Schedule, lr_peak: float, freeze_step: int = -1,
                    target_density: float | None = None, penalty_after_freeze: bool = False,
                    anneal: Schedule | None = None, anneal_strength: float = 0.0,
-                   select_step: int = -1, prune_start: int = -1,
+                   select_step: int = -1, fade_steps: int = 0, prune_start: int = -1,
                    prune_every: int = 100,
                    trim_density: float | None = None,
                    bsr_grids: dict[str, int] | None = None) -> optax.GradientTransformation:
@@ -165,8 +167,13 @@ def block_sparsity(lam: Schedule, lr: Schedule, lr_peak: float, freeze_step: int
       candidate ``c`` with share ``p_c`` of the layer's weight norm is thresholded with
       ``tau * (1 + anneal_strength * a(t) * (1 - p_c))``: the weaker candidates shrink
       faster and collapse.
-    select_step: at this step every multi-candidate layer keeps only its largest
+    select_step: by this step every multi-candidate layer keeps only its largest
       candidate; the others are zeroed and stay dropped. Negative: never.
+    fade_steps: the choice is made ``fade_steps`` steps before ``select_step``; from there
+      each loser's factors stop training and its selector is scaled down linearly, so
+      that the loser has no weight left at ``select_step`` and the layer hands its
+      function over to the winner while training goes on. 0: the losers are zeroed at
+      once, at ``select_step``.
     prune_start: first step of gradual pruning to ``target_density`` (reached at
       ``freeze_step``); negative: prune once, at ``freeze_step``.
     prune_every: steps between gradual pruning steps.
@@ -187,7 +194,7 @@ def block_sparsity(lam: Schedule, lr: Schedule, lr_peak: float, freeze_step: int
     masks.update({f"{name}/blocks": _block_norms(flat[_blocks_path(name)]) > 0
                   for name in bsr_grids or {}})
     return BlockSparsityState(jnp.zeros((), jnp.int32), masks,
-                              {k: jnp.ones((), bool) for k in keys})
+                              {k: jnp.ones((), jnp.float32) for k in keys})
 
   def update(updates, state, params=None):
     if params is None:
@@ -222,10 +229,16 @@ def block_sparsity(lam: Schedule, lr: Schedule, lr_peak: float, freeze_step: int
           s_new = jnp.where(count == freeze_step,
                             s_new * prune_to_density(scores, target_density), s_new)
         flat_new[path + ("S",)] = s_new
-      alive.update(_select(flat_new, terms, state.alive, count == select_step))
+      alive.update(_select(flat_new, terms, state.alive, count, select_step, fade_steps))
       for path in terms:
         key = "/".join(path)
-        s_new = jnp.where(alive[key], flat_new[path + ("S",)], 0.0)
+        s_new = flat_new[path + ("S",)]
+        fading = alive[key] < 1  # a loser: its selector follows the gate, its factors rest
+        old = state.alive[key]
+        scaled = flat_p[path + ("S",)] * jnp.where(old > 0, alive[key] / old, 0.0)
+        s_new = jnp.where(fading, scaled, s_new)
+        for k in "AB":
+          flat_u[path + (k,)] = jnp.where(fading, 0.0, flat_u[path + (k,)])
         flat_u[path + ("S",)] = s_new - flat_p[path + ("S",)]
         masks[key] = s_new != 0
     for name, num_blocks in (bsr_grids or {}).items():
@@ -268,14 +281,20 @@ def _prune_gradually(gradual, count, s, mask, a, b) -> jax.Array:
   return jnp.where(gradual.due(count), s * keep, s)
 
 
-def _select(flat, terms, alive, at_select) -> dict[str, jax.Array]:
-  """Liveness of a layer's candidates; at the selection step only the largest survives."""
+def _select(flat, terms, alive, count, select_step, fade_steps) -> dict[str, jax.Array]:
+  """The gates of a layer's candidates after step ``count``. At ``select_step -
+  fade_steps`` the candidate of largest weight norm wins; each loser's gate then falls
+  linearly, ``(select_step - count) / (fade_steps + 1)``, to 0 at ``select_step``."""
   keys = ["/".join(t) for t in terms]
   if len(terms) == 1:
     return {keys[0]: alive[keys[0]]}
-  mass = jnp.stack([jnp.where(alive[k], term_mass(flat, t), -1.0) for k, t in zip(keys, terms)])
+  mass = jnp.stack([jnp.where(alive[k] > 0, term_mass(flat, t), -1.0)
+                    for k, t in zip(keys, terms)])
   winner = jnp.argmax(mass)
-  return {k: alive[k] & (~at_select | (i == winner)) for i, k in enumerate(keys)}
+  at_choice = count == select_step - fade_steps
+  fade = jnp.clip((select_step - count) / (fade_steps + 1), 0.0, 1.0).astype(jnp.float32)
+  return {k: jnp.where((alive[k] < 1) | (at_choice & (i != winner)), fade, alive[k])
+          for i, k in enumerate(keys)}
 
 
 # --------------------------------------------------------------------------- schedules
@@ -375,13 +394,15 @@ def make_optimizer(config, steps_per_epoch: int, total_steps: int,
   anneal = optax.linear_schedule(0.0, 1.0, max(1, int(sel.anneal_epochs * steps_per_epoch)),
                                  int(sel.start_epoch * steps_per_epoch))
   select = int(sel.select_epoch * steps_per_epoch) if sel.select_epoch >= 0 else -1
+  fade = int(sel.get("fade_epochs", 0.0) * steps_per_epoch)  # configs saved before it: 0
   prune_start = (int(sp.start_epoch * steps_per_epoch)
                  if sp.get("prune_schedule", "once") == "cubic" else -1)
   trim = target if sp.get("penalty", "l1") == "trimmed" else None
-  tx = optax.chain(base, block_sparsity(lam, lr, opt.learning_rate, freeze, target,
-                                        sp.penalty_after_freeze, anneal, sel.strength, select,
-                                        prune_start, sp.get("prune_every_steps", 100), trim,
-                                        bsr_grids))
+  tx = optax.chain(base, block_sparsity(
+      lam, lr, opt.learning_rate, freeze, target, sp.penalty_after_freeze, anneal,
+      sel.strength, select_step=select, fade_steps=fade,
+      prune_start=prune_start, prune_every=sp.get("prune_every_steps", 100),
+      trim_density=trim, bsr_grids=bsr_grids))
   return tx, lr, lam
 
 

@@ -134,7 +134,19 @@ def _choice_problems(config) -> list[str]:
     problems.append(_problem("layers.kind", config.layers.kind,
                              f"method {method!r} trains dense layers; valid: dense."))
   return (problems + _finetune_problems(config) + _prune_problems(config)
-          + _penalty_problems(config))
+          + _penalty_problems(config) + _fade_problems(config))
+
+
+def _fade_problems(config) -> list[str]:
+  """The block-size choice is made ``selection.fade_epochs`` before ``select_epoch``."""
+  sel = config.selection
+  fade = sel.get("fade_epochs", 0.0)
+  if (_is_number(fade, False) and _is_number(sel.select_epoch, False)
+      and 0 <= sel.select_epoch < fade):
+    return [_problem("selection.fade_epochs", fade, "the losing block sizes fade out over "
+                     f"the epochs before selection.select_epoch ({sel.select_epoch}); "
+                     "valid: 0 <= fade_epochs <= select_epoch.")]
+  return []
 
 
 def _penalty_problems(config) -> list[str]:
@@ -228,6 +240,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sparsity.prune_every_steps": _AT_LEAST_1,
     "sparsity.switch_warmup_epochs": _AT_LEAST_0,
     "sparsity.repack_every_steps": _AT_LEAST_0,
+    "selection.fade_epochs": _AT_LEAST_0,
     "baseline.drop_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "dataset.val_size": _AT_LEAST_0,
     "kernels.dense_from": (lambda v: v >= 0, ">= 0 (above 1: always block-sparse)"),

@@ -92,13 +92,16 @@ def get_config() -> config_dict.ConfigDict:
   # Block-size selection in one run: a layer given several candidate block shapes
   # (layers.block_shapes.<layer> = ((28, 10), (14, 10))) sums one KPD term per candidate.
   # From start_epoch the penalty on each candidate grows with its deficit of weight norm
-  # (annealed in over anneal_epochs, scaled by strength); at select_epoch each layer keeps
-  # its largest candidate and the others are dropped from the model.
+  # (annealed in over anneal_epochs, scaled by strength). At select_epoch - fade_epochs each
+  # layer picks its largest candidate; the others stop training and fade out linearly, so
+  # the winner takes the layer over while training goes on, and at select_epoch they are
+  # dropped from the model (fade_epochs 0: zeroed at once).
   c.selection = config_dict.ConfigDict()
   c.selection.start_epoch = 1.0
-  c.selection.anneal_epochs = 2.0
+  c.selection.anneal_epochs = 1.5
   c.selection.strength = 4.0
   c.selection.select_epoch = 3.0  # < 0: never (candidates keep summing)
+  c.selection.fade_epochs = 0.5
 
   # Training method: kpd (KPD layers + c.sparsity) or a baseline on dense layers
   # (layers.kind='dense'; see bsparse/baselines.py): dense | group_lasso | gradual | set |

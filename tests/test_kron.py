@@ -113,12 +113,25 @@ def test_grid_shape_error_names_layer_and_valid_sizes():
     kron.grid_shape(784, 300, (28, 7), where="layer 'fc1'")
 
 
-def test_kron_dense_init_variance_matches_he_init():
-  layer = layers.KronDense(256, block_shapes=((16, 16),), rank=4)
-  v = layer.init(jax.random.key(0), jnp.zeros((1, 512)))
-  t = v["params"]["kron_16x16"]
-  w = kron.dense_weight(t["S"], t["A"], t["B"])
+@pytest.mark.parametrize("block_shapes", [((16, 16),), ((16, 16), (8, 8), (32, 4))])
+def test_kron_dense_init_variance_matches_he_init(block_shapes):
+  """Candidates sum: their summed weight, not each of them, has He variance."""
+  layer = layers.KronDense(256, block_shapes=block_shapes, rank=4, use_bias=False)
+  p = layer.init(jax.random.key(0), jnp.zeros((1, 512)))["params"]
+  w = sum(kron.dense_weight(t["S"], t["A"], t["B"]) for t in p.values())
   assert abs(float(jnp.var(w)) / (2 / 512) - 1) < 0.25
+
+
+def test_kron_conv_init_variance_matches_he_init_with_candidates():
+  layer = layers.KronConv(64, (3, 3), block_shapes=((4, 4), (2, 2), (8, 8)), rank=4,
+                          use_bias=False)
+  variances = []
+  for seed in range(8):  # a shared factor correlates a draw's entries: average draws
+    p = layer.init(jax.random.key(seed), jnp.zeros((1, 8, 8, 32)))["params"]
+    w = sum(kron.dense_weight(t["S"], t["A"], t["B"]) for t in p.values())
+    variances.append(float(jnp.var(w)))
+  assert w.shape == (3, 3, 32, 64)
+  assert abs(np.mean(variances) / (2 / (9 * 32)) - 1) < 0.2
 
 
 @pytest.mark.parametrize("shape", [(7,), (4, 28, 10), (2, 3, 3, 5, 7)])

@@ -11,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from bsparse import (checkpoints, data, layers, metric_writers, selection, sparsity,
-                     train_lib)
+                     train_lib, validate)
 from tests import helpers
 from tests.test_sparsity import two_candidates
 
@@ -116,6 +116,43 @@ def test_resuming_around_the_selection_equals_one_run(reference, tmp_path, resum
   helpers.train(c, b)
   chex.assert_trees_all_close(final.params, helpers.restored(c, b)[0].params, atol=1e-6)
   assert selection.load_choice(str(b)) == selection.load_choice(str(workdir))
+
+
+@pytest.fixture(scope="module")
+def fading(tmp_path_factory):
+  """``selecting()`` whose loser fades out over half an epoch: the choice in the update of
+  step 3 (count 2), the loser's weight at 2/3 and 1/3 of it after steps 3 and 4, gone
+  after step 5; checkpoint 3 is taken during the fade."""
+  c = selecting()
+  c.selection.fade_epochs = 0.5
+  workdir = tmp_path_factory.mktemp("fading")
+  summary = helpers.train(c, workdir)
+  return c, workdir, summary, helpers.restored(c, workdir)[0]
+
+
+def test_the_loser_hands_over_to_the_winner_before_the_drop(fading, tmp_path):
+  c, workdir, _, final = fading
+  choice = selection.load_choice(str(workdir))
+  assert choice is not None and choice.step == 5
+  kept = layers.term_name(choice.block_shapes["fc1"])
+  lost = ({"kron_28x10", "kron_14x10"} - {kept}).pop()
+  share = {r["step"]: r[f"share/fc1/{lost}"] for r in metric_writers.read_metrics(str(workdir))
+           if f"share/fc1/{lost}" in r}
+  assert share[4] < share[3] < share[2] and share[4] > 0  # fading, not yet dropped
+  # Resuming in the middle of the fade gives the run that did not stop.
+  b = helpers.copy_up_to(workdir, tmp_path / "b", 3)
+  os.remove(b / selection.CHOICE_FILE)
+  helpers.train(c, b)
+  chex.assert_trees_all_close(final.params, helpers.restored(c, b)[0].params, atol=1e-6)
+  assert selection.load_choice(str(b)) == choice
+
+
+def test_a_fade_longer_than_the_selection_is_refused():
+  c = selecting()
+  c.selection.fade_epochs = 1.5
+  with pytest.raises(validate.ConfigError, match=r"config.selection.fade_epochs = 1.5: .*"
+                     r"valid: 0 <= fade_epochs <= select_epoch"):
+    validate.validate_config(c, train_lib.build_model)
 
 
 def test_checkpoints_after_the_selection_need_their_record(reference, tmp_path):

@@ -6,7 +6,7 @@ import optax
 import pytest
 
 from configs import base
-from bsparse import kron, sparsity
+from bsparse import kron, selection, sparsity
 
 
 def term(key, m1=4, n1=5, r=2, m2=3, n2=2):
@@ -186,6 +186,36 @@ def test_annealing_drops_the_weaker_candidate_at_the_selection_step():
   assert bool(state.alive["fc1/kron_3x2"]) and not bool(state.alive["fc1/kron_6x5"])
   np.testing.assert_array_equal(params["fc1"]["kron_6x5"]["S"], 0.0)
   assert np.all(np.asarray(params["fc1"]["kron_3x2"]["S"]) != 0)
+
+
+def test_losers_fade_out_linearly_and_rest_before_the_selection_step():
+  params = two_candidates(jax.random.key(3))
+  params["fc1"]["kron_6x5"]["S"] = 0.1 * params["fc1"]["kron_6x5"]["S"]  # the loser
+  tx = sparsity.block_sparsity(lam=lambda t: 0.0, lr=lambda t: 1.0, lr_peak=1.0,
+                               select_step=5, fade_steps=3)  # the choice in step 2
+  state = tx.init(params)
+  grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
+  loser = lambda p: np.asarray(p["fc1"]["kron_6x5"]["S"])
+  s_at_choice = None
+  for step in range(7):
+    before = params
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    gate = float(state.alive["fc1/kron_6x5"])
+    assert float(state.alive["fc1/kron_3x2"]) == 1.0
+    if step < 2:  # both compete and train
+      assert gate == 1.0 and np.any(np.asarray(updates["fc1"]["kron_6x5"]["A"]) != 0)
+      continue
+    if step == 2:
+      s_at_choice = loser(before)  # the step of the choice scales it instead of training it
+      np.testing.assert_allclose(loser(params), 0.75 * s_at_choice, rtol=1e-5)
+    assert gate == pytest.approx(max(0.0, (5 - step) / 4))
+    np.testing.assert_allclose(loser(params), gate * s_at_choice, rtol=1e-5, atol=1e-9)
+    for k in "AB":  # the loser's factors rest, the winner's train on
+      np.testing.assert_array_equal(updates["fc1"]["kron_6x5"][k], 0.0)
+      assert np.all(np.asarray(updates["fc1"]["kron_3x2"][k]) != 0)
+    dead = [("fc1", "kron_6x5")] if step >= 5 else []
+    assert selection.dead_terms(state) == dead
 
 
 def test_single_candidate_layers_are_never_dropped():
