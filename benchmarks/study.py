@@ -715,6 +715,31 @@ def plot_accuracy(results, model, path) -> str:
   return path
 
 
+def plot_sweep(rs, title: str, path: str) -> None:
+  """Test accuracy against training FLOPs and against wall time for one layer's sweep
+  rows ``rs``: each fixed size as its mean ± std over seeds, each selection run as a
+  point marked with its seed and the size it chose."""
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+  groups = _groups(rs, lambda r: r["label"])
+  for ax, key, scale, xlabel in ((axes[0], "flops", 1e12, "training TFLOPs (analytic)"),
+                                 (axes[1], "wall_s", 1.0, "wall time s")):
+    for label, g in sorted(groups.items()):
+      xs, ys = [r[key] / scale for r in g], [100 * r["accuracy"] for r in g]
+      if label.startswith("fixed"):
+        spread = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
+        ax.errorbar(statistics.mean(xs), statistics.mean(ys), xerr=spread(xs),
+                    yerr=spread(ys), fmt="s", capsize=3, label=label)
+        continue
+      ax.plot(xs, ys, "k^", label=label)
+      for r, x, y in zip(g, xs, ys):
+        size = "x".join(map(str, next(iter(r.get("chosen", {}).values()), ["-"])))
+        ax.annotate(f"s{r['seed']}: {size}", (x, y), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7)
+    ax.set(xlabel=xlabel, ylabel="test accuracy %", title=title)
+  axes[0].legend(fontsize=7)
+  _save(fig, path)
+
+
 def _save(fig, path: str) -> None:
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -886,10 +911,15 @@ def write_results(study: dict, path: str, plots_dir: str, lr_dirs=()) -> None:
                    "of each invocation (dense = W built, kpd = factored, bsr = nonzero "
                    "blocks only):\n\n"
                    + lat + "\n")
+    swept_rows = _groups(rows_of(results, model, sweep=True),
+                         lambda r: sweep_layer_of(r["label"]))
     for layer, table, sel in sweep_summaries(results, model):
       swept = layer or next(iter(SWEEP_SIZES[model]))
+      name = f"{model}_{swept}_sweep.png"
+      plot_sweep(swept_rows[layer], f"{model}: block size of {swept}",
+                 os.path.join(plots_dir, name))
       parts.append(f"### Block size of `{swept}`: fixed sizes vs the one-run selection\n\n"
-                   + table + "\n")
+                   + table + "\n\n" + f"![{model} {swept} sweep]({rel}/{name})\n")
       if sel:
         parts.append(targets_table(sel) + "\n")
   if lr_dirs:

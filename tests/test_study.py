@@ -60,6 +60,8 @@ def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path, study_flags):
   assert "| mlp | 2 epochs | selection, seed 0: training FLOPs ≤ 1.5x that fixed run |" in glance
   assert os.path.exists(tmp_path / "plots" / "mlp_accuracy.png")
   assert os.path.exists(tmp_path / "plots" / "mlp_step_times.png")
+  assert os.path.exists(tmp_path / "plots" / "mlp_fc1_sweep.png")
+  assert "(plots/mlp_fc1_sweep.png)" in text
   assert "(plots/mlp_step_times.png)" in text
   trace = by["gradual"]["step_ms_trace"]  # a window every 2 steps (log_every_steps=2)
   assert [t for t, _ in trace[:2]] == [2, 4] and all(ms > 0 for _, ms in trace)
