@@ -602,12 +602,15 @@ def latency_table(results, model) -> str:
   return "\n".join(lines)
 
 
+def sweeps(results, model) -> dict[str, list[dict]]:
+  """``{layer: rows}`` of each of ``model``'s block-size sweeps; layer '' is its first."""
+  return _groups(rows_of(results, model, sweep=True), lambda r: sweep_layer_of(r["label"]))
+
+
 def sweep_summaries(results, model) -> list[tuple[str, str, list[tuple[str, str, bool]]]]:
   """Per layer swept, ``(layer, table, checks)``: the sweep table and the selection's
   checks (``targets`` rows), per seed; layer '' is the model's first."""
-  rs = rows_of(results, model, sweep=True)
-  by_layer = _groups(rs, lambda r: sweep_layer_of(r["label"]))
-  return [(layer, *sweep_summary(g, layer)) for layer, g in sorted(by_layer.items())]
+  return [(layer, *sweep_summary(g, layer)) for layer, g in sorted(sweeps(results, model).items())]
 
 
 def sweep_summary(rs, layer: str) -> tuple[str, list[tuple[str, str, bool]]]:
@@ -911,8 +914,7 @@ def write_results(study: dict, path: str, plots_dir: str, lr_dirs=()) -> None:
                    "of each invocation (dense = W built, kpd = factored, bsr = nonzero "
                    "blocks only):\n\n"
                    + lat + "\n")
-    swept_rows = _groups(rows_of(results, model, sweep=True),
-                         lambda r: sweep_layer_of(r["label"]))
+    swept_rows = sweeps(results, model)
     for layer, table, sel in sweep_summaries(results, model):
       swept = layer or next(iter(SWEEP_SIZES[model]))
       name = f"{model}_{swept}_sweep.png"

@@ -233,12 +233,12 @@ def block_sparsity(lam: Schedule, lr: Schedule, lr_peak: float, freeze_step: int
       for path in terms:
         key = "/".join(path)
         s_new = flat_new[path + ("S",)]
-        fading = alive[key] < 1  # a loser: its selector follows the gate, its factors rest
-        old = state.alive[key]
-        scaled = flat_p[path + ("S",)] * jnp.where(old > 0, alive[key] / old, 0.0)
-        s_new = jnp.where(fading, scaled, s_new)
-        for k in "AB":
-          flat_u[path + (k,)] = jnp.where(fading, 0.0, flat_u[path + (k,)])
+        if len(terms) > 1:  # a loser's selector follows its gate and its factors rest
+          fading, old = alive[key] < 1, state.alive[key]
+          scaled = flat_p[path + ("S",)] * jnp.where(old > 0, alive[key] / old, 0.0)
+          s_new = jnp.where(fading, scaled, s_new)
+          for k in "AB":
+            flat_u[path + (k,)] = jnp.where(fading, 0.0, flat_u[path + (k,)])
         flat_u[path + ("S",)] = s_new - flat_p[path + ("S",)]
         masks[key] = s_new != 0
     for name, num_blocks in (bsr_grids or {}).items():
