@@ -738,6 +738,7 @@ def plot_sweep(rs, title: str, path: str) -> None:
         size = "x".join(map(str, next(iter(r.get("chosen", {}).values()), ["-"])))
         ax.annotate(f"s{r['seed']}: {size}", (x, y), textcoords="offset points",
                     xytext=(4, 4), fontsize=7)
+    ax.margins(x=0.15)  # room for the selection runs' labels
     ax.set(xlabel=xlabel, ylabel="test accuracy %", title=title)
   axes[0].legend(fontsize=7)
   _save(fig, path)
