@@ -724,12 +724,12 @@ def plot_sweep(rs, title: str, path: str) -> None:
   point marked with its seed and the size it chose."""
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
   groups = _groups(rs, lambda r: r["label"])
+  spread = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
   for ax, key, scale, xlabel in ((axes[0], "flops", 1e12, "training TFLOPs (analytic)"),
                                  (axes[1], "wall_s", 1.0, "wall time s")):
     for label, g in sorted(groups.items()):
       xs, ys = [r[key] / scale for r in g], [100 * r["accuracy"] for r in g]
       if label.startswith("fixed"):
-        spread = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
         ax.errorbar(statistics.mean(xs), statistics.mean(ys), xerr=spread(xs),
                     yerr=spread(ys), fmt="s", capsize=3, label=label)
         continue
@@ -915,12 +915,11 @@ def write_results(study: dict, path: str, plots_dir: str, lr_dirs=()) -> None:
                    "of each invocation (dense = W built, kpd = factored, bsr = nonzero "
                    "blocks only):\n\n"
                    + lat + "\n")
-    swept_rows = sweeps(results, model)
-    for layer, table, sel in sweep_summaries(results, model):
+    for layer, rs_layer in sorted(sweeps(results, model).items()):
+      table, sel = sweep_summary(rs_layer, layer)
       swept = layer or next(iter(SWEEP_SIZES[model]))
       name = f"{model}_{swept}_sweep.png"
-      plot_sweep(swept_rows[layer], f"{model}: block size of {swept}",
-                 os.path.join(plots_dir, name))
+      plot_sweep(rs_layer, f"{model}: block size of {swept}", os.path.join(plots_dir, name))
       parts.append(f"### Block size of `{swept}`: fixed sizes vs the one-run selection\n\n"
                    + table + "\n\n" + f"![{model} {swept} sweep]({rel}/{name})\n")
       if sel:

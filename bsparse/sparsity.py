@@ -166,7 +166,8 @@ def block_sparsity(lam: Schedule, lr: Schedule, lr_peak: float, freeze_step: int
     anneal: step -> ``a(t)`` in [0, 1]. In a layer with several candidate block shapes,
       candidate ``c`` with share ``p_c`` of the layer's weight norm is thresholded with
       ``tau * (1 + anneal_strength * a(t) * (1 - p_c))``: the weaker candidates shrink
-      faster and collapse.
+      faster (while ``lam`` is still small this barely moves the shares; the fade below
+      is what removes the losers).
     select_step: by this step every multi-candidate layer keeps only its largest
       candidate; the others are zeroed and stay dropped. Negative: never.
     fade_steps: the choice is made ``fade_steps`` steps before ``select_step``; from there
